@@ -1,0 +1,85 @@
+//! Configuration every service shares, read from flags or `FAIRGATE_*` environment variables
+//! with defaults that work on a developer machine. Each service flattens `CommonConfig` into its
+//! own clap struct, so `--help` documents everything.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct CommonConfig {
+    /// Postgres connection URL (the source of truth).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
+    )]
+    pub database_url: String,
+
+    /// Maximum Postgres connections in this process's pool.
+    #[arg(long, env = "FAIRGATE_DB_MAX_CONNECTIONS", default_value_t = 20)]
+    pub db_max_connections: u32,
+
+    /// Apply pending migrations from `migrations/` at start.
+    #[arg(long, env = "FAIRGATE_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+
+    /// Redis connection URL (the live queue).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key and channel, so several deployments or test runs share a Redis.
+    #[arg(long, env = "FAIRGATE_REDIS_PREFIX", default_value = "fg")]
+    pub redis_prefix: String,
+
+    /// Redis connections in this process's pool.
+    #[arg(long, env = "FAIRGATE_REDIS_POOL_SIZE", default_value_t = 4)]
+    pub redis_pool_size: usize,
+
+    /// Timeout of one Redis command, in milliseconds (a command still unanswered fails).
+    #[arg(long, env = "FAIRGATE_REDIS_COMMAND_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_command_timeout_ms: u64,
+
+    /// Log format: human (default) or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+
+    /// Largest request body accepted, in bytes (larger → 413).
+    #[arg(long, env = "FAIRGATE_BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
+    pub body_limit_bytes: usize,
+
+    /// Time limit of one HTTP request, in milliseconds (websockets are not limited by it).
+    #[arg(long, env = "FAIRGATE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Most HTTP requests served at once by this process; more wait.
+    #[arg(long, env = "FAIRGATE_MAX_CONCURRENT_REQUESTS", default_value_t = 4096)]
+    pub max_concurrent_requests: usize,
+
+    /// Issuer name put in and required of every token this deployment signs.
+    #[arg(long, env = "FAIRGATE_ISSUER", default_value = "fairgate")]
+    pub issuer: String,
+}
+
+impl CommonConfig {
+    pub fn redis_command_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_command_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// The address a service listens on, with its own default port.
+pub fn parse_bind(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|e| format!("not a socket address ({raw}): {e}"))
+}

@@ -1,0 +1,114 @@
+//! The draw algorithm, `fairgate-draw-v1`, which anyone can re-run from the published seed and
+//! entrant list to check an event's order:
+//!
+//! 1. Sort the entrants' ticket ids ascending by their 16 UUID bytes.
+//! 2. Seed ChaCha20 (`rand_chacha::ChaCha20Rng`, 20 rounds, the 32-byte seed, stream 0).
+//! 3. Fisher–Yates from the last index down: for `i` = n−1 … 1 draw `j` uniform in `[0, i]` and
+//!    swap entries `i` and `j`. A uniform `j` in `[0, b)` is `x mod b` for the first 64-bit
+//!    output `x` (little-endian `next_u64`) with `x < 2^64 − (2^64 mod b)`; others are redrawn.
+//! 4. The entrant at index `k` gets queue position `k + 1`.
+//!
+//! The generator and the shuffle are ours, not `SliceRandom`/`StdRng`, whose output may change
+//! between rand versions; the frozen vectors in the tests pin the results.
+
+use rand_core::{RngCore, SeedableRng};
+use uuid::Uuid;
+
+use crate::ids::Seed;
+
+pub const ALGORITHM: &str = "fairgate-draw-v1";
+
+/// Shuffles `entrants` into draw order (index 0 gets position 1). Sorts them first, so the
+/// result depends only on the set of entrants and the seed.
+pub fn draw_order(seed: &Seed, entrants: &mut [Uuid]) {
+    entrants.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed.0);
+    for i in (1..entrants.len()).rev() {
+        let j = uniform_below(&mut rng, i as u64 + 1) as usize;
+        entrants.swap(i, j);
+    }
+}
+
+/// Uniform in `[0, bound)` by rejection sampling; `bound` must be positive.
+fn uniform_below(rng: &mut impl RngCore, bound: u64) -> u64 {
+    debug_assert!(bound > 0);
+    // 2^64 mod bound, computed without 128-bit arithmetic.
+    let rem = (u64::MAX % bound + 1) % bound;
+    loop {
+        let x = rng.next_u64();
+        if x <= u64::MAX - rem {
+            return x % bound;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(n: u128) -> Vec<Uuid> {
+        (1..=n).map(Uuid::from_u128).collect()
+    }
+
+    #[test]
+    fn frozen_vectors_pin_the_published_algorithm() {
+        // If this test fails, published draws can no longer be verified: never update these
+        // numbers; add a new algorithm version instead.
+        let mut order = ids(10);
+        draw_order(&Seed([0u8; 32]), &mut order);
+        let got: Vec<u128> = order.iter().map(|u| u.as_u128()).collect();
+        assert_eq!(got, FROZEN_ZERO_SEED_10);
+
+        let mut seed = [0u8; 32];
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let mut order = ids(10);
+        draw_order(&Seed(seed), &mut order);
+        let got: Vec<u128> = order.iter().map(|u| u.as_u128()).collect();
+        assert_eq!(got, FROZEN_COUNTING_SEED_10);
+    }
+
+    const FROZEN_ZERO_SEED_10: [u128; 10] = [10, 8, 4, 7, 2, 5, 9, 6, 3, 1];
+    const FROZEN_COUNTING_SEED_10: [u128; 10] = [7, 1, 9, 5, 2, 6, 10, 3, 8, 4];
+
+    #[test]
+    fn the_generator_is_rfc8439_chacha20() {
+        // RFC 8439 §2.3.2-style keystream for an all-zero key and nonce, block 0, begins
+        // 76 b8 e0 ad a0 f1 3d 90: any ChaCha20 implementation can reproduce our draws.
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed([0u8; 32]);
+        assert_eq!(rng.next_u64(), 0x903d_f1a0_ade0_b876);
+    }
+
+    #[test]
+    fn entrant_order_given_does_not_matter() {
+        let seed = Seed([7u8; 32]);
+        let mut a = ids(50);
+        let mut b = ids(50);
+        b.reverse();
+        draw_order(&seed, &mut a);
+        draw_order(&seed, &mut b);
+        assert_eq!(a, b);
+    }
+
+    proptest! {
+        #[test]
+        fn the_draw_is_a_deterministic_bijection(seed in any::<[u8; 32]>(), n in 0u128..300) {
+            let mut a = ids(n);
+            draw_order(&Seed(seed), &mut a);
+            let mut b = ids(n);
+            draw_order(&Seed(seed), &mut b);
+            prop_assert_eq!(&a, &b);
+            let mut sorted = a.clone();
+            sorted.sort();
+            prop_assert_eq!(sorted, ids(n));
+        }
+
+        #[test]
+        fn uniform_below_stays_in_range(seed in any::<[u8; 32]>(), bound in 1u64..u64::MAX) {
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+            prop_assert!(uniform_below(&mut rng, bound) < bound);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Code every fairgate service shares: typed configuration, the JSON error contract, telemetry,
+//! Postgres and Redis set-up, domain newtypes, the Ed25519 pass and ticket tokens, the verifiable
+//! draw algorithm and the HTTP scaffolding (ops routes, layers, graceful shutdown).
+//!
+//! Nothing here knows about one service's features; a piece lands here once two services need it.
+
+pub mod config;
+pub mod db;
+pub mod draw;
+pub mod error;
+pub mod extract;
+pub mod ids;
+pub mod ratelimit;
+pub mod redis;
+pub mod server;
+pub mod telemetry;
+pub mod token;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::ApiError;

@@ -1,0 +1,166 @@
+//! Redis set-up and key naming. Connections reconnect for ever with capped exponential back-off;
+//! every command has a timeout, so a lost Redis turns into quick 503s instead of hung requests.
+//! fred replays commands in flight after a reconnect, which is why every state-changing step we
+//! run is an idempotent Lua script.
+//!
+//! Keys are hash-tagged per event (`fg:{evt:42}:queue`) so an event's keys share a Redis Cluster
+//! slot and multi-key scripts work unchanged there.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::config::UnresponsiveConfig;
+
+use crate::config::CommonConfig;
+use crate::ids::EventId;
+
+/// A pool of Redis connections plus the key prefix of this deployment.
+#[derive(Clone)]
+pub struct Redis {
+    pool: Pool,
+    prefix: String,
+}
+
+impl Redis {
+    pub async fn connect(config: &CommonConfig) -> anyhow::Result<Self> {
+        let pool = builder(&config.redis_url, config.redis_command_timeout())?
+            .build_pool(config.redis_pool_size.max(1))?;
+        pool.init().await?;
+        Ok(Redis {
+            pool,
+            prefix: config.redis_prefix.clone(),
+        })
+    }
+
+    /// One connection of the pool (round-robin).
+    pub fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn keys(&self, event: EventId) -> EventKeys {
+        EventKeys::new(&self.prefix, event)
+    }
+
+    /// The channel on which admission controllers publish queue state to every instance.
+    pub fn state_channel(&self) -> String {
+        format!("{}:queue-state", self.prefix)
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+
+    /// Reachable, and not configured to evict keys (an evicted queue would lose fans' places).
+    pub async fn check_ready(&self) -> Result<(), String> {
+        let client = self.client();
+        let _: String = client
+            .ping(None)
+            .await
+            .map_err(|e| format!("redis unreachable: {e}"))?;
+        let policy: Vec<String> = client
+            .config_get("maxmemory-policy")
+            .await
+            .map_err(|e| format!("redis CONFIG GET failed: {e}"))?;
+        match policy.get(1).map(String::as_str) {
+            Some("noeviction") => Ok(()),
+            Some(other) => Err(format!(
+                "redis maxmemory-policy is {other}; fairgate needs noeviction"
+            )),
+            None => Err("redis did not report its maxmemory-policy".into()),
+        }
+    }
+}
+
+/// A fred builder with fairgate's reconnect policy and timeouts.
+pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        // Unlimited attempts, 50 ms doubling up to 2 s between them.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 3;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(Duration::from_secs(5)),
+                interval: Duration::from_secs(1),
+            };
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = command_timeout;
+        });
+    Ok(builder)
+}
+
+/// The keys of one event's live queue.
+#[derive(Clone, Debug)]
+pub struct EventKeys {
+    base: String,
+}
+
+impl EventKeys {
+    pub fn new(prefix: &str, event: EventId) -> Self {
+        EventKeys {
+            base: format!("{prefix}:{{evt:{}}}", event.get()),
+        }
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}:{suffix}", self.base)
+    }
+
+    /// Sorted set: ticket id → position.
+    pub fn queue(&self) -> String {
+        self.key("queue")
+    }
+    /// A scratch queue built by one draw attempt before it is renamed into place.
+    pub fn queue_build(&self, attempt: &str) -> String {
+        self.key(&format!("queue:build:{attempt}"))
+    }
+    /// Highest position handed out.
+    pub fn tail(&self) -> String {
+        self.key("tail")
+    }
+    /// Highest position admitted.
+    pub fn head(&self) -> String {
+        self.key("head")
+    }
+    /// Shoppers admitted and not yet finished.
+    pub fn active(&self) -> String {
+        self.key("active")
+    }
+    /// Passes whose shopper has finished (so the active count drops once per pass).
+    pub fn finished(&self) -> String {
+        self.key("finished")
+    }
+    /// Set once the draw's queue is in Redis.
+    pub fn drawn(&self) -> String {
+        self.key("drawn")
+    }
+    /// Instance id of the admission controller's leader (expires).
+    pub fn leader(&self) -> String {
+        self.key("leader")
+    }
+    /// Id of the last admission tick applied, so a replayed script admits nobody twice.
+    pub fn last_tick(&self) -> String {
+        self.key("last-tick")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag_per_event() {
+        let k = EventKeys::new("fg", EventId::new(42).expect("positive"));
+        assert_eq!(k.queue(), "fg:{evt:42}:queue");
+        assert_eq!(k.queue_build("x"), "fg:{evt:42}:queue:build:x");
+        assert_eq!(k.head(), "fg:{evt:42}:head");
+    }
+}

@@ -1,0 +1,153 @@
+//! HTTP scaffolding every service uses: the operational routes (`/healthz`, `/readyz`,
+//! `/metrics`), the shared layers (tracing, metrics, timeout, body and concurrency limits, panic
+//! → JSON 500, JSON 404/405), and serving until one shutdown signal fires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::CommonConfig;
+use crate::redis::Redis;
+use crate::telemetry;
+use crate::ApiError;
+
+/// What readiness depends on.
+#[derive(Clone)]
+pub struct Backends {
+    pub service: &'static str,
+    pub pg: PgPool,
+    pub redis: Redis,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn ops_router(backends: Backends) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(backends))
+}
+
+async fn healthz(State(b): State<Arc<Backends>>) -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok", "service": b.service }))
+}
+
+async fn readyz(State(b): State<Arc<Backends>>) -> Response {
+    let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&b.pg)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("postgres unreachable: {e}"));
+    let redis = b.redis.check_ready().await;
+    let body = json!({
+        "service": b.service,
+        "postgres": pg.as_ref().err().map_or("ok", String::as_str),
+        "redis": redis.as_ref().err().map_or("ok", String::as_str),
+    });
+    if pg.is_ok() && redis.is_ok() {
+        (StatusCode::OK, axum::Json(body)).into_response()
+    } else {
+        tracing::warn!(%body, "not ready");
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        telemetry::metrics_handle().render(),
+    )
+}
+
+/// Wraps a service's routes with the ops routes and the shared layers.
+pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router {
+    // Make sure the recorder exists before the first request is counted.
+    let _ = telemetry::metrics_handle();
+    app.merge(ops_router(backends))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(telemetry::track_http))
+        .layer(DefaultBodyLimit::max(config.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.request_timeout(),
+        ))
+        .layer(GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("not_found", "no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed(
+        "method_not_allowed",
+        "this endpoint does not accept that method".into(),
+    )
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal("handler panicked").into_response()
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received");
+        token.cancel();
+    });
+}
