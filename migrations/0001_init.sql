@@ -120,7 +120,8 @@ CREATE TABLE payments (
     provider        TEXT        NOT NULL,
     provider_ref    TEXT,
     amount_cents    BIGINT      NOT NULL CHECK (amount_cents >= 0),
-    status          TEXT        NOT NULL CHECK (status IN ('pending', 'succeeded', 'declined')),
+    status          TEXT        NOT NULL
+                    CHECK (status IN ('pending', 'succeeded', 'declined', 'refunded')),
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 

@@ -1,1 +1,80 @@
+//! The buffer service: fans join an event's line here. During presale their joins are buffered
+//! (durably, in Postgres) and at `sale_starts_at` one draw shuffles them into queue positions
+//! 1..N with a published, verifiable seed; after the draw, joins go to the back in arrival order.
+//!
+//! Invariants: one place per identity per event (a Postgres constraint); the draw happens exactly
+//! once (an advisory lock plus the `draws` row); the Redis queue appears whole or not at all (it
+//! is built aside and renamed into place) and can always be rebuilt from Postgres.
 
+pub mod config;
+pub mod draw;
+pub mod join;
+mod queue_store;
+
+use std::sync::Arc;
+
+use axum::Router;
+use shared::redis::Redis;
+use shared::server::{Backends, RunningApp};
+use shared::token::{Signer, SigningKey, Verifier};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pg: PgPool,
+    pub redis: Redis,
+    pub signer: Signer,
+    pub verifier: Verifier,
+    pub limits: join::JoinLimits,
+    pub commitments: draw::CommitmentCache,
+}
+
+/// All routes of the service, with the shared layers.
+pub fn app(state: AppState) -> Router {
+    let backends = Backends {
+        service: "buffer",
+        pg: state.pg.clone(),
+        redis: state.redis.clone(),
+    };
+    let common = state.config.common.clone();
+    let routes = Router::new()
+        .merge(join::router())
+        .merge(draw::router())
+        .with_state(state);
+    shared::server::finish(routes, backends, &common)
+}
+
+/// Connects to Postgres and Redis, binds the listener and starts the server and the draw
+/// scheduler. Port 0 in `config.bind` picks a free port (tests).
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    let pg = shared::db::connect(&config.common).await?;
+    if config.common.migrate {
+        shared::db::migrate(&pg).await?;
+    }
+    let redis = Redis::connect(&config.common).await?;
+    let key = SigningKey::load(
+        config.signing_key.as_deref(),
+        config.signing_key_file.as_deref(),
+    )?;
+    let signer = Signer::new(key, config.common.issuer.clone());
+    let state = AppState {
+        verifier: signer.verifier(),
+        signer,
+        limits: join::JoinLimits::new(&config),
+        commitments: draw::CommitmentCache::default(),
+        config: Arc::new(config),
+        pg,
+        redis,
+    };
+    let listener = TcpListener::bind(state.config.bind).await?;
+    let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
+    tracing::info!(addr = %running.addr, "buffer service listening");
+    running.spawn(draw::run_scheduler(state.clone(), shutdown.clone()));
+    running.spawn(join::prune_limits(state, shutdown));
+    Ok(running)
+}

@@ -1,1 +1,80 @@
+//! The purchase service: organizers create events with seat maps; pass holders see seats, hold
+//! up to their limit for a few minutes and check out; payments go through a provider trait.
+//!
+//! Invariants: no seat sold twice (row locks in id order, and the `tickets_one_valid_per_seat`
+//! index as the last line); a pass buys once (`orders_one_per_pass`, in the transaction that
+//! commits the seats); a checkout retried with the same `Idempotency-Key` never charges twice;
+//! no row lock is held across the call to the payment provider.
 
+pub mod checkout;
+pub mod config;
+pub mod organizer;
+pub mod passgate;
+pub mod payments;
+pub mod seats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use shared::auth::RoleToken;
+use shared::redis::Redis;
+use shared::server::{Backends, RunningApp};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pg: PgPool,
+    pub redis: Redis,
+    pub passes: passgate::PassKeys,
+    pub payments: Arc<dyn payments::PaymentProvider>,
+    pub organizer: RoleToken,
+}
+
+pub fn app(state: AppState) -> Router {
+    let backends = Backends {
+        service: "purchase",
+        pg: state.pg.clone(),
+        redis: state.redis.clone(),
+    };
+    let common = state.config.common.clone();
+    let routes = Router::new()
+        .merge(organizer::router())
+        .merge(seats::router())
+        .merge(checkout::router())
+        .with_state(state);
+    shared::server::finish(routes, backends, &common)
+}
+
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    let pg = shared::db::connect(&config.common).await?;
+    if config.common.migrate {
+        shared::db::migrate(&pg).await?;
+    }
+    let redis = Redis::connect(&config.common).await?;
+    let passes = passgate::PassKeys::new(config.jwks_url.clone(), config.common.issuer.clone())?;
+    if let Err(e) = passes.refresh().await {
+        tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");
+    }
+    let state = AppState {
+        organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
+        payments: Arc::new(payments::Sandbox::new(
+            Duration::from_millis(config.sandbox_latency_ms),
+            config.sandbox_failure_rate,
+        )),
+        config: Arc::new(config),
+        pg,
+        redis,
+        passes,
+    };
+    let listener = TcpListener::bind(state.config.bind).await?;
+    let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
+    tracing::info!(addr = %running.addr, "purchase service listening");
+    running.spawn(seats::run_hold_sweeper(state, shutdown));
+    Ok(running)
+}

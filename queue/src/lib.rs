@@ -1,1 +1,84 @@
+//! The queue service: the waiting room. Fans hold a websocket that shows their place and ETA;
+//! one admission controller per event (leader-elected in Redis) moves the serving head at the
+//! configured rate without exceeding the cap on active shoppers; an admitted fan gets a signed
+//! pass on the websocket or by claiming it over HTTP.
+//!
+//! Invariants: per update, no Redis call per waiter (each instance learns the queue state from one
+//! subscription and computes every waiter's numbers locally); only the current leader admits, and
+//! a replayed admission script admits nobody twice; one ticket yields one pass (`passes` row).
 
+pub mod admission;
+pub mod config;
+pub mod hub;
+pub mod pass;
+pub mod ws;
+
+use std::sync::Arc;
+
+use axum::Router;
+use shared::redis::Redis;
+use shared::server::{Backends, RunningApp};
+use shared::token::{Signer, SigningKey, Verifier};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub pg: PgPool,
+    pub redis: Redis,
+    pub signer: Signer,
+    pub verifier: Verifier,
+    pub hub: hub::Hub,
+    pub shutdown: CancellationToken,
+}
+
+pub fn app(state: AppState) -> Router {
+    let backends = Backends {
+        service: "queue",
+        pg: state.pg.clone(),
+        redis: state.redis.clone(),
+    };
+    let common = state.config.common.clone();
+    let routes = Router::new()
+        .merge(ws::router())
+        .merge(pass::router())
+        .with_state(state);
+    shared::server::finish(routes, backends, &common)
+}
+
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    let pg = shared::db::connect(&config.common).await?;
+    if config.common.migrate {
+        shared::db::migrate(&pg).await?;
+    }
+    let redis = Redis::connect(&config.common).await?;
+    let key = SigningKey::load(
+        config.signing_key.as_deref(),
+        config.signing_key_file.as_deref(),
+    )?;
+    let signer = Signer::new(key, config.common.issuer.clone());
+    let hub = hub::Hub::new(redis.clone(), pg.clone());
+    let state = AppState {
+        verifier: signer.verifier(),
+        signer,
+        hub: hub.clone(),
+        config: Arc::new(config),
+        pg,
+        redis,
+        shutdown: shutdown.clone(),
+    };
+    let listener = TcpListener::bind(state.config.bind).await?;
+    let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
+    tracing::info!(addr = %running.addr, "queue service listening");
+    running.spawn(hub.clone().run_subscriber(
+        state.config.common.clone(),
+        shutdown.clone(),
+    ));
+    running.spawn(hub.run_refresher(state.config.refresh_ms, shutdown.clone()));
+    running.spawn(admission::run(state, shutdown));
+    Ok(running)
+}

@@ -34,6 +34,9 @@ pub enum ApiError {
     Unprocessable(&'static str, String),
     #[error("{1}")]
     TooEarly(&'static str, String),
+    /// A dependency outside fairgate (the payment provider) is down: retry later.
+    #[error("{1}")]
+    Unavailable(&'static str, String),
     #[error("{message}")]
     RateLimited { retry_after_secs: u64, message: String },
     #[error("database error: {0}")]
@@ -71,6 +74,7 @@ impl ApiError {
             Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
             TooEarly(..) => StatusCode::TOO_EARLY,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
             Database(e) if is_unavailable_db(e) => StatusCode::SERVICE_UNAVAILABLE,
             Redis(_) => StatusCode::SERVICE_UNAVAILABLE,
             Database(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,7 +95,8 @@ impl ApiError {
             | PayloadTooLarge(c, _)
             | UnsupportedMediaType(c, _)
             | Unprocessable(c, _)
-            | TooEarly(c, _) => c,
+            | TooEarly(c, _)
+            | Unavailable(c, _) => c,
             RateLimited { .. } => "rate_limited",
             Database(e) if is_unavailable_db(e) => "unavailable",
             Redis(_) => "unavailable",
@@ -101,6 +106,9 @@ impl ApiError {
 
     /// The sentence sent to the client: server-side detail stays in the log.
     fn public_message(&self) -> String {
+        if let ApiError::Unavailable(_, message) = self {
+            return message.clone();
+        }
         match self.status() {
             StatusCode::SERVICE_UNAVAILABLE => {
                 "a backing store is unavailable; retry shortly".to_string()

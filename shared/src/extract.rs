@@ -101,3 +101,41 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
 }
+
+/// A JSON body that may be absent: an empty body is `T::default()`. Otherwise as [`Json`].
+pub struct OptionalJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(
+                        "body_too_large",
+                        "the request body is larger than this endpoint accepts".into(),
+                    )
+                } else {
+                    ApiError::BadRequest("bad_body", r.body_text())
+                }
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| {
+                if e.is_data() {
+                    ApiError::Unprocessable("invalid_body", format!("invalid request body: {e}"))
+                } else {
+                    ApiError::BadRequest("malformed_json", format!("malformed JSON: {e}"))
+                }
+            })
+    }
+}

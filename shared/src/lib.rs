@@ -4,10 +4,12 @@
 //!
 //! Nothing here knows about one service's features; a piece lands here once two services need it.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod draw;
 pub mod error;
+pub mod event;
 pub mod extract;
 pub mod ids;
 pub mod ratelimit;

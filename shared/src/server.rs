@@ -151,3 +151,63 @@ pub fn cancel_on_signal(token: CancellationToken) {
         token.cancel();
     });
 }
+
+/// A started service: its address, the token that stops it, and its tasks.
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl RunningApp {
+    /// Spawns the HTTP server on `listener`; add background tasks with [`RunningApp::spawn`].
+    pub fn start(listener: TcpListener, app: Router, shutdown: CancellationToken) -> Self {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let token = shutdown.clone();
+        tasks.spawn(async move {
+            serve(listener, app, token).await?;
+            Ok(())
+        });
+        RunningApp {
+            addr,
+            shutdown,
+            tasks,
+        }
+    }
+
+    pub fn spawn<F>(&mut self, task: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Runs until shutdown; the first task to fail stops the others.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "task failed; shutting down");
+                self.shutdown.cancel();
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// Signals shutdown and waits for every task to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}

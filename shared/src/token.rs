@@ -135,6 +135,23 @@ impl SigningKey {
         Self::from_seed(&seed)
     }
 
+    /// The key from `FAIRGATE_SIGNING_KEY` (hex) or else from a file holding the hex seed.
+    pub fn load(hex_seed: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        match (hex_seed, file) {
+            (Some(raw), _) => Self::from_hex(raw),
+            (None, Some(path)) => {
+                let raw = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read signing key file {}: {e}", path.display())
+                })?;
+                Self::from_hex(&raw)
+            }
+            (None, None) => anyhow::bail!(
+                "no signing key: set FAIRGATE_SIGNING_KEY (64 hex digits) or \
+                 FAIRGATE_SIGNING_KEY_FILE"
+            ),
+        }
+    }
+
     /// A fresh key from the OS CSPRNG.
     pub fn generate() -> anyhow::Result<Self> {
         Self::from_seed(&random_seed())

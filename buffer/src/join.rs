@@ -1,0 +1,291 @@
+//! `POST /api/v1/events/{id}/join`: a fan takes a place in an event's line.
+//!
+//! Before presale: 425. During presale: the join is buffered for the draw. After the draw: the
+//! fan goes to the back of the queue. After the sale: 410. Presenting the ticket already held
+//! returns the same place (a second tab, a retry), never a second one. Every acknowledged join
+//! is committed to Postgres before the answer is sent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::event::{SaleEvent, SalePhase};
+use shared::extract::{Json, OptionalJson, Path};
+use shared::ids::{EventId, Identity, TicketId};
+use shared::ratelimit::KeyedLimit;
+use shared::token::{ReceiptClaims, TicketClaims, TokenKind};
+use shared::ApiError;
+use tokio_util::sync::CancellationToken;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::draw::{ensure_commitment, event_lock_key, DRAW_LOCK_CLASS};
+use crate::{queue_store, AppState, Config};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/events/{id}/join", post(join))
+}
+
+#[derive(Clone)]
+pub struct JoinLimits {
+    per_ip: Option<KeyedLimit<IpAddr>>,
+}
+
+impl JoinLimits {
+    pub fn new(config: &Config) -> Self {
+        let per_ip = (config.join_limit_per_ip > 0).then(|| {
+            KeyedLimit::per_minute(
+                config.join_limit_per_ip,
+                (config.join_limit_per_ip / 10).max(5),
+                "IP address",
+            )
+        });
+        JoinLimits { per_ip }
+    }
+}
+
+pub async fn prune_limits(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if let Some(limit) = &state.limits.per_ip {
+                    limit.retain_recent();
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The signed queue ticket already held, to get the same place back.
+    pub ticket: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JoinResponse {
+    pub event_id: i64,
+    pub ticket_id: Uuid,
+    /// Signed queue ticket: present it to the waiting room; keep it secret.
+    pub ticket: String,
+    /// Signed join receipt: check it against the published draw.
+    pub receipt: String,
+    /// "buffered" (waiting for the draw) or "queued" (has a position).
+    pub status: &'static str,
+    pub position: Option<i64>,
+    pub joined_at: DateTime<Utc>,
+    /// Hex SHA-256 commitment to the draw seed.
+    pub commitment: String,
+    pub sale_starts_at: DateTime<Utc>,
+    /// True when the fan already had this place.
+    pub resumed: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct JoinRow {
+    ticket_id: Uuid,
+    identity: String,
+    joined_at: DateTime<Utc>,
+    position: Option<i64>,
+    phase: String,
+}
+
+#[instrument(skip_all, fields(event = id))]
+async fn join(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<i64>,
+    OptionalJson(request): OptionalJson<JoinRequest>,
+) -> Result<(StatusCode, Json<JoinResponse>), ApiError> {
+    if let Some(limit) = &state.limits.per_ip {
+        limit.check(&peer.ip())?;
+    }
+    let event_id = EventId::new(id)
+        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event = SaleEvent::load(&state.pg, event_id).await?;
+    match event.phase(Utc::now()) {
+        SalePhase::NotOpen => {
+            return Err(ApiError::TooEarly(
+                "presale_not_open",
+                format!(
+                    "the line for this event opens at {}",
+                    event.presale_opens_at.to_rfc3339()
+                ),
+            ))
+        }
+        SalePhase::Over => {
+            return Err(ApiError::Gone(
+                "sale_over",
+                format!("the sale ended at {}", event.sale_ends_at.to_rfc3339()),
+            ))
+        }
+        SalePhase::Presale | SalePhase::OnSale => {}
+    }
+    let commitment = ensure_commitment(&state, event_id).await?;
+
+    let (row, resumed) = match request.ticket.as_deref() {
+        Some(token) => {
+            let claims = state
+                .verifier
+                .verify_ticket(token, event_id)
+                .map_err(|e| e.into_api(TokenKind::Ticket))?;
+            (existing_join(&state, claims.tkt).await?, true)
+        }
+        None => {
+            if !event.anonymous_allowed {
+                return Err(ApiError::Unauthorized(
+                    "identity_required",
+                    "this event admits only signed-in fans".into(),
+                ));
+            }
+            let ticket = TicketId::random();
+            insert_join(&state, event_id, ticket, &Identity::anonymous(ticket)).await?
+        }
+    };
+
+    let ticket = TicketId(row.ticket_id);
+    let mut position = row.position;
+    if position.is_none() && row.phase == "live" {
+        let assigned = queue_store::append(&state.pg, &state.redis, event_id, ticket).await?;
+        sqlx::query("UPDATE joins SET position = $2 WHERE ticket_id = $1 AND position IS NULL")
+            .bind(ticket.0)
+            .bind(assigned.get())
+            .execute(&state.pg)
+            .await?;
+        position = Some(assigned.get());
+    }
+
+    let response = JoinResponse {
+        event_id: id,
+        ticket_id: row.ticket_id,
+        ticket: sign_ticket(&state, &event, ticket, &row)?,
+        receipt: sign_receipt(&state, &event, ticket, &row, &commitment)?,
+        status: if position.is_some() { "queued" } else { "buffered" },
+        position,
+        joined_at: row.joined_at,
+        commitment: hex::encode(commitment),
+        sale_starts_at: event.sale_starts_at,
+        resumed,
+    };
+    let status = if resumed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    metrics::counter!("buffer_joins_total", "resumed" => resumed.to_string()).increment(1);
+    Ok((status, Json(response)))
+}
+
+async fn existing_join(state: &AppState, ticket: TicketId) -> Result<JoinRow, ApiError> {
+    sqlx::query_as::<_, JoinRow>(
+        "SELECT ticket_id, identity, joined_at, position, phase FROM joins WHERE ticket_id = $1",
+    )
+    .bind(ticket.0)
+    .fetch_optional(&state.pg)
+    .await?
+    .ok_or_else(|| {
+        ApiError::NotFound(
+            "ticket_not_found",
+            "this ticket's place no longer exists".into(),
+        )
+    })
+}
+
+/// Records the join durably. The shared advisory lock orders it against the draw: a join
+/// committed before the draw takes its exclusive lock is in the draw; one after is live.
+async fn insert_join(
+    state: &AppState,
+    event: EventId,
+    ticket: TicketId,
+    identity: &Identity,
+) -> Result<(JoinRow, bool), ApiError> {
+    let mut tx = state.pg.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
+        .bind(DRAW_LOCK_CLASS)
+        .bind(event_lock_key(event))
+        .execute(&mut *tx)
+        .await?;
+    let drawn: bool = sqlx::query_scalar(
+        "SELECT COALESCE((SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1), false)",
+    )
+    .bind(event.get())
+    .fetch_one(&mut *tx)
+    .await?;
+    let inserted = sqlx::query_as::<_, JoinRow>(
+        "INSERT INTO joins (ticket_id, event_id, identity, phase) VALUES ($1, $2, $3, $4)
+         ON CONFLICT ON CONSTRAINT joins_one_per_identity DO NOTHING
+         RETURNING ticket_id, identity, joined_at, position, phase",
+    )
+    .bind(ticket.0)
+    .bind(event.get())
+    .bind(identity.as_str())
+    .bind(if drawn { "live" } else { "presale" })
+    .fetch_optional(&mut *tx)
+    .await?;
+    let result = match inserted {
+        Some(row) => (row, false),
+        None => {
+            let row = sqlx::query_as::<_, JoinRow>(
+                "SELECT ticket_id, identity, joined_at, position, phase FROM joins
+                 WHERE event_id = $1 AND identity = $2",
+            )
+            .bind(event.get())
+            .bind(identity.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            (row, true)
+        }
+    };
+    tx.commit().await?;
+    Ok(result)
+}
+
+fn sign_ticket(
+    state: &AppState,
+    event: &SaleEvent,
+    ticket: TicketId,
+    row: &JoinRow,
+) -> Result<String, ApiError> {
+    let iat = row.joined_at.timestamp();
+    let claims = TicketClaims {
+        iss: state.signer.issuer().to_owned(),
+        aud: TokenKind::Ticket.audience().to_owned(),
+        sub: row.identity.clone(),
+        evt: event.event_id(),
+        tkt: ticket,
+        iat,
+        nbf: iat,
+        exp: (event.sale_ends_at + chrono::Duration::days(1)).timestamp(),
+    };
+    state.signer.sign(TokenKind::Ticket, &claims)
+}
+
+fn sign_receipt(
+    state: &AppState,
+    event: &SaleEvent,
+    ticket: TicketId,
+    row: &JoinRow,
+    commitment: &[u8; 32],
+) -> Result<String, ApiError> {
+    let iat = row.joined_at.timestamp();
+    let claims = ReceiptClaims {
+        iss: state.signer.issuer().to_owned(),
+        aud: TokenKind::Receipt.audience().to_owned(),
+        sub: row.identity.clone(),
+        evt: event.event_id(),
+        tkt: ticket,
+        cmt: hex::encode(commitment),
+        iat,
+        nbf: iat,
+        exp: (event.sale_ends_at + chrono::Duration::days(365)).timestamp(),
+    };
+    state.signer.sign(TokenKind::Receipt, &claims)
+}

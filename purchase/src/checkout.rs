@@ -1,0 +1,496 @@
+//! Checkout: `POST /api/v1/events/{id}/checkout` with an `Idempotency-Key`. The key is claimed
+//! first (one row per pass and key): the same key and body replay the stored answer, another
+//! body is refused (422), and a retry while the first attempt runs gets 409. The card is charged
+//! with no row lock held; then one transaction locks the hold's seats, checks the hold still
+//! owns them, marks them sold, records the order (redeeming the pass's `jti`: one order per
+//! pass) and the stored answer. If the seats were lost meanwhile, the charge is refunded.
+
+use std::sync::LazyLock;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fred::types::scripts::Script;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use shared::error::violated_constraint;
+use shared::extract::{Json, Path};
+use shared::ApiError;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::passgate::Pass;
+use crate::payments::{is_known_token, ChargeOutcome};
+use crate::seats::ensure_pass_unused;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/events/{id}/checkout", post(checkout))
+        .route("/api/v1/events/{id}/orders/{order_id}", get(order))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    pub hold_id: Uuid,
+    /// A card token from the payment provider (sandbox: `tok_visa`, `tok_chargeDeclined`, …).
+    pub payment_token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct TicketView {
+    pub code: String,
+    pub seat_id: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub event_id: i64,
+    pub hold_id: Uuid,
+    pub status: String,
+    pub total_cents: i64,
+    pub payment_ref: String,
+    pub tickets: Vec<TicketView>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The answer a finished checkout attempt gives to every retry with its key.
+struct Final {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl Final {
+    fn error(e: &ApiError) -> Self {
+        Final {
+            status: e.status(),
+            body: serde_json::json!({ "error": e.code(), "message": e.to_string() }),
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let raw = headers.get("idempotency-key").ok_or_else(|| {
+        ApiError::BadRequest(
+            "idempotency_key_missing",
+            "checkout needs an Idempotency-Key header".into(),
+        )
+    })?;
+    let key = raw.to_str().unwrap_or_default();
+    let ok = (1..=200).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    if !ok {
+        return Err(ApiError::BadRequest(
+            "idempotency_key_invalid",
+            "Idempotency-Key must be 1 to 200 visible ASCII characters".into(),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+#[instrument(skip_all, fields(event = %pass.event, jti = %pass.claims.jti))]
+async fn checkout(
+    State(state): State<AppState>,
+    pass: Pass,
+    headers: HeaderMap,
+    Json(request): Json<CheckoutRequest>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    if !is_known_token(&request.payment_token) {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            "payment_token: not a card token this payment provider issued".into(),
+        ));
+    }
+    let hash = sha2::Sha256::digest(
+        serde_json::to_vec(&request).map_err(ApiError::internal)?,
+    )
+    .to_vec();
+
+    let claimed = sqlx::query(
+        "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
+         VALUES ($1, $2, $3, 'running') ON CONFLICT DO NOTHING",
+    )
+    .bind(pass.claims.jti)
+    .bind(&key)
+    .bind(&hash)
+    .execute(&state.pg)
+    .await?
+    .rows_affected()
+        == 1;
+    if !claimed {
+        return replay(&state, &pass, &key, &hash).await;
+    }
+
+    match run(&state, &pass, &key, &request).await {
+        Ok(done) => Ok((done.status, axum::Json(done.body)).into_response()),
+        Err(e) => {
+            // Nothing was charged or sold: free the key so a retry runs again.
+            sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
+                .bind(pass.claims.jti)
+                .bind(&key)
+                .execute(&state.pg)
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+async fn replay(
+    state: &AppState,
+    pass: &Pass,
+    key: &str,
+    hash: &[u8],
+) -> Result<Response, ApiError> {
+    let (stored_hash, run_state, status, body): (
+        Vec<u8>,
+        String,
+        Option<i32>,
+        Option<serde_json::Value>,
+    ) = sqlx::query_as(
+        "SELECT request_hash, state, status_code, response FROM checkout_requests
+         WHERE jti = $1 AND idempotency_key = $2",
+    )
+    .bind(pass.claims.jti)
+    .bind(key)
+    .fetch_one(&state.pg)
+    .await?;
+    if stored_hash != hash {
+        return Err(ApiError::Unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request body".into(),
+        ));
+    }
+    match (run_state.as_str(), status, body) {
+        ("done", Some(status), Some(body)) => {
+            let status = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
+            Ok((status, axum::Json(body)).into_response())
+        }
+        _ => Err(ApiError::Conflict(
+            "checkout_in_progress",
+            "a checkout with this Idempotency-Key is still running; retry shortly".into(),
+        )),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct HoldRow {
+    jti: Uuid,
+    seat_ids: Vec<i64>,
+    expires_at: DateTime<Utc>,
+    status: String,
+}
+
+/// Runs a claimed checkout. `Err` means nothing happened (the key is freed); `Ok` is the final
+/// answer, already stored for retries when it follows a charge attempt.
+async fn run(
+    state: &AppState,
+    pass: &Pass,
+    key: &str,
+    request: &CheckoutRequest,
+) -> Result<Final, ApiError> {
+    ensure_pass_unused(state, pass.claims.jti).await?;
+    let hold = sqlx::query_as::<_, HoldRow>(
+        "SELECT jti, seat_ids, expires_at, status FROM holds WHERE id = $1 AND event_id = $2",
+    )
+    .bind(request.hold_id)
+    .bind(pass.event.get())
+    .fetch_optional(&state.pg)
+    .await?
+    .filter(|h| h.jti == pass.claims.jti)
+    .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
+    if hold.status != "active" {
+        return Err(ApiError::Conflict(
+            "hold_not_active",
+            format!("this hold was {}", hold.status),
+        ));
+    }
+    if hold.expires_at <= Utc::now() {
+        return Err(ApiError::Conflict(
+            "hold_expired",
+            "this hold has expired; hold the seats again".into(),
+        ));
+    }
+    let total: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(price_cents), 0)::bigint FROM seats WHERE id = ANY($1)",
+    )
+    .bind(&hold.seat_ids)
+    .fetch_one(&state.pg)
+    .await?;
+
+    let payment_key = format!("{}:{key}", pass.claims.jti);
+    sqlx::query(
+        "INSERT INTO payments (idempotency_key, provider, amount_cents, status)
+         VALUES ($1, $2, $3, 'pending') ON CONFLICT DO NOTHING",
+    )
+    .bind(&payment_key)
+    .bind(state.payments.name())
+    .bind(total)
+    .execute(&state.pg)
+    .await?;
+    // No row lock is held here: the provider may take seconds.
+    let outcome = state
+        .payments
+        .charge(&payment_key, total, &request.payment_token)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "payment provider call failed");
+            ApiError::Unavailable(
+                "payment_unavailable",
+                "the payment provider did not answer; retry with the same Idempotency-Key".into(),
+            )
+        })?;
+    let reference = match outcome {
+        ChargeOutcome::Declined { code, message } => {
+            sqlx::query("UPDATE payments SET status = 'declined' WHERE idempotency_key = $1")
+                .bind(&payment_key)
+                .execute(&state.pg)
+                .await?;
+            let done = Final::error(&ApiError::PaymentRequired(
+                code,
+                format!("{message}; your seats stay held until the hold expires"),
+            ));
+            store(state, pass, key, &done).await?;
+            return Ok(done);
+        }
+        ChargeOutcome::Succeeded { reference } => reference,
+    };
+    sqlx::query(
+        "UPDATE payments SET status = 'succeeded', provider_ref = $2 WHERE idempotency_key = $1",
+    )
+    .bind(&payment_key)
+    .bind(&reference)
+    .execute(&state.pg)
+    .await?;
+
+    match commit(state, pass, key, request.hold_id, &hold, total, &reference).await {
+        Ok(done) => {
+            finish_shopper(state, pass).await;
+            metrics::counter!("purchase_orders_total").increment(1);
+            Ok(done)
+        }
+        Err(refused) if refused.status().is_client_error() => {
+            // The seats or the pass were lost between charge and commit: give the money back.
+            if let Err(e) = state.payments.refund(&reference).await {
+                tracing::error!(error = %e, payment = %payment_key, "refund failed; needs reconciliation");
+            } else {
+                sqlx::query("UPDATE payments SET status = 'refunded' WHERE idempotency_key = $1")
+                    .bind(&payment_key)
+                    .execute(&state.pg)
+                    .await?;
+            }
+            let done = Final::error(&refused);
+            store(state, pass, key, &done).await?;
+            Ok(done)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn store(state: &AppState, pass: &Pass, key: &str, done: &Final) -> Result<(), ApiError> {
+    sqlx::query(
+        "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
+         WHERE jti = $1 AND idempotency_key = $2",
+    )
+    .bind(pass.claims.jti)
+    .bind(key)
+    .bind(i32::from(done.status.as_u16()))
+    .bind(&done.body)
+    .execute(&state.pg)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedSeat {
+    id: i64,
+    status: String,
+    hold_id: Option<Uuid>,
+    held_until: Option<DateTime<Utc>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn commit(
+    state: &AppState,
+    pass: &Pass,
+    key: &str,
+    hold_id: Uuid,
+    hold: &HoldRow,
+    total: i64,
+    reference: &str,
+) -> Result<Final, ApiError> {
+    let mut tx = state.pg.begin().await?;
+    let seats = sqlx::query_as::<_, LockedSeat>(
+        "SELECT id, status, hold_id, held_until FROM seats WHERE id = ANY($1)
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&hold.seat_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let now = Utc::now();
+    let still_ours = seats.len() == hold.seat_ids.len()
+        && seats.iter().all(|s| {
+            s.status == "held" && s.hold_id == Some(hold_id) && s.held_until.is_some_and(|t| t > now)
+        });
+    if !still_ours {
+        return Err(ApiError::Conflict(
+            "hold_expired",
+            "the hold expired before payment completed; the charge was refunded".into(),
+        ));
+    }
+    sqlx::query("UPDATE seats SET status = 'sold', held_until = NULL WHERE id = ANY($1)")
+        .bind(&hold.seat_ids)
+        .execute(&mut *tx)
+        .await?;
+    let order_id = Uuid::new_v4();
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO orders (id, event_id, jti, identity, hold_id, total_cents, payment_ref)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
+    )
+    .bind(order_id)
+    .bind(pass.event.get())
+    .bind(pass.claims.jti)
+    .bind(&pass.claims.sub)
+    .bind(hold_id)
+    .bind(total)
+    .bind(reference)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| match violated_constraint(&e) {
+        Some("orders_one_per_pass") => ApiError::Conflict(
+            "pass_used",
+            "this pass has already been used for a purchase; the charge was refunded".into(),
+        ),
+        Some("orders_one_per_hold") => ApiError::Conflict(
+            "hold_not_active",
+            "this hold was already bought; the charge was refunded".into(),
+        ),
+        _ => ApiError::from(e),
+    })?;
+    let seat_ids: Vec<i64> = seats.iter().map(|s| s.id).collect();
+    let codes: Vec<String> = seat_ids.iter().map(|_| ticket_code()).collect();
+    sqlx::query(
+        "INSERT INTO tickets (code, order_id, seat_id)
+         SELECT code, $1, seat_id FROM UNNEST($2::text[], $3::bigint[]) AS t(code, seat_id)",
+    )
+    .bind(order_id)
+    .bind(&codes)
+    .bind(&seat_ids)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE holds SET status = 'purchased' WHERE id = $1")
+        .bind(hold_id)
+        .execute(&mut *tx)
+        .await?;
+    let view = OrderView {
+        order_id,
+        event_id: pass.event.get(),
+        hold_id,
+        status: "paid".into(),
+        total_cents: total,
+        payment_ref: reference.to_owned(),
+        tickets: codes
+            .into_iter()
+            .zip(seat_ids.iter())
+            .map(|(code, seat_id)| TicketView {
+                code,
+                seat_id: *seat_id,
+            })
+            .collect(),
+        created_at,
+    };
+    let done = Final {
+        status: StatusCode::CREATED,
+        body: serde_json::to_value(&view).map_err(ApiError::internal)?,
+    };
+    sqlx::query(
+        "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
+         WHERE jti = $1 AND idempotency_key = $2",
+    )
+    .bind(pass.claims.jti)
+    .bind(key)
+    .bind(i32::from(done.status.as_u16()))
+    .bind(&done.body)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// An unguessable ticket code: 128 random bits in hex.
+fn ticket_code() -> String {
+    format!("FG-{}", Uuid::new_v4().simple()).to_uppercase()
+}
+
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: finished, active   ARGV: jti. The active count drops once per pass, however often
+-- this runs.
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  local active = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if active > 0 then
+    redis.call('DECR', KEYS[2])
+  end
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// Hands the shopper's slot back to the admission controller.
+async fn finish_shopper(state: &AppState, pass: &Pass) {
+    let keys = state.redis.keys(pass.event);
+    let result: Result<i64, _> = FINISH
+        .evalsha_with_reload(
+            state.redis.client(),
+            vec![keys.finished(), keys.active()],
+            vec![pass.claims.jti.to_string()],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not release the shopper's admission slot");
+    }
+}
+
+#[instrument(skip_all, fields(event = %pass.event))]
+async fn order(
+    State(state): State<AppState>,
+    pass: Pass,
+    Path((_, order_id)): Path<(i64, Uuid)>,
+) -> Result<Json<OrderView>, ApiError> {
+    let row: Option<(Uuid, i64, Uuid, String, i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, event_id, hold_id, status, total_cents, payment_ref, created_at
+         FROM orders WHERE id = $1 AND jti = $2 AND event_id = $3",
+    )
+    .bind(order_id)
+    .bind(pass.claims.jti)
+    .bind(pass.event.get())
+    .fetch_optional(&state.pg)
+    .await?;
+    let (order_id, event_id, hold_id, status, total_cents, payment_ref, created_at) = row
+        .ok_or_else(|| ApiError::NotFound("order_not_found", "this pass has no such order".into()))?;
+    let tickets: Vec<(String, i64)> =
+        sqlx::query_as("SELECT code, seat_id FROM tickets WHERE order_id = $1 ORDER BY seat_id")
+            .bind(order_id)
+            .fetch_all(&state.pg)
+            .await?;
+    Ok(Json(OrderView {
+        order_id,
+        event_id,
+        hold_id,
+        status,
+        total_cents,
+        payment_ref,
+        tickets: tickets
+            .into_iter()
+            .map(|(code, seat_id)| TicketView { code, seat_id })
+            .collect(),
+        created_at,
+    }))
+}

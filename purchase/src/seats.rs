@@ -1,0 +1,269 @@
+//! Seats and holds. A hold takes 1..limit seats all-or-nothing: the seats' rows are locked in id
+//! order (so two holds never deadlock), each must be free (available, or held by a hold that has
+//! expired, or by this pass's previous hold, which the new one replaces), and the hold keeps them
+//! for `hold_ttl_secs`. Expired holds come back by themselves: every check treats a seat whose
+//! `held_until` has passed as free, and a sweeper resets such rows.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use shared::extract::{Json, Path};
+use shared::ApiError;
+use tokio_util::sync::CancellationToken;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::passgate::Pass;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/events/{id}/seats", get(seat_map))
+        .route("/api/v1/events/{id}/holds", post(hold))
+        .route("/api/v1/events/{id}/holds/{hold_id}", delete(release))
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct SeatView {
+    pub id: i64,
+    pub section: String,
+    pub row_label: String,
+    pub number: i32,
+    pub price_cents: i64,
+    /// "available", "held" or "sold".
+    pub status: String,
+}
+
+#[instrument(skip_all, fields(event = %pass.event))]
+async fn seat_map(
+    State(state): State<AppState>,
+    pass: Pass,
+) -> Result<Json<Vec<SeatView>>, ApiError> {
+    let seats = sqlx::query_as::<_, SeatView>(
+        "SELECT id, section, row_label, number, price_cents,
+                CASE WHEN status = 'held' AND held_until < now() THEN 'available'
+                     ELSE status END AS status
+         FROM seats WHERE event_id = $1 ORDER BY id",
+    )
+    .bind(pass.event.get())
+    .fetch_all(&state.pg)
+    .await?;
+    Ok(Json(seats))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldRequest {
+    pub seat_ids: Vec<i64>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct HoldView {
+    pub hold_id: Uuid,
+    pub seat_ids: Vec<i64>,
+    pub expires_at: DateTime<Utc>,
+    pub total_cents: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedSeat {
+    id: i64,
+    status: String,
+    hold_id: Option<Uuid>,
+    held_until: Option<DateTime<Utc>>,
+    price_cents: i64,
+}
+
+/// Refuses a pass whose checkout already completed: it has bought what it may buy.
+pub async fn ensure_pass_unused(state: &AppState, jti: Uuid) -> Result<(), ApiError> {
+    let used: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE jti = $1)")
+        .bind(jti)
+        .fetch_one(&state.pg)
+        .await?;
+    if used {
+        return Err(ApiError::Conflict(
+            "pass_used",
+            "this pass has already been used for a purchase".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[instrument(skip_all, fields(event = %pass.event))]
+async fn hold(
+    State(state): State<AppState>,
+    pass: Pass,
+    Json(request): Json<HoldRequest>,
+) -> Result<(StatusCode, Json<HoldView>), ApiError> {
+    let mut seat_ids = request.seat_ids.clone();
+    let limit = pass.claims.lim as usize;
+    if seat_ids.is_empty() || seat_ids.len() > limit {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            format!("seat_ids: must name 1 to {limit} seats (this pass's limit)"),
+        ));
+    }
+    seat_ids.sort_unstable();
+    seat_ids.dedup();
+    if seat_ids.len() != request.seat_ids.len() {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            "seat_ids: names a seat twice".into(),
+        ));
+    }
+    ensure_pass_unused(&state, pass.claims.jti).await?;
+
+    let mut tx = state.pg.begin().await?;
+    let previous: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM holds WHERE jti = $1 AND status = 'active' FOR UPDATE",
+    )
+    .bind(pass.claims.jti)
+    .fetch_all(&mut *tx)
+    .await?;
+    let seats = sqlx::query_as::<_, LockedSeat>(
+        "SELECT id, status, hold_id, held_until, price_cents FROM seats
+         WHERE event_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
+    )
+    .bind(pass.event.get())
+    .bind(&seat_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    if seats.len() != seat_ids.len() {
+        let found: HashSet<i64> = seats.iter().map(|s| s.id).collect();
+        let missing: Vec<i64> = seat_ids.iter().copied().filter(|id| !found.contains(id)).collect();
+        return Err(ApiError::NotFound(
+            "seat_not_found",
+            format!("no such seats in this event: {missing:?}"),
+        ));
+    }
+    let now = Utc::now();
+    let taken: Vec<i64> = seats
+        .iter()
+        .filter(|s| {
+            let free = s.status == "available"
+                || (s.status == "held"
+                    && (s.held_until.is_some_and(|t| t < now)
+                        || s.hold_id.is_some_and(|h| previous.contains(&h))));
+            !free
+        })
+        .map(|s| s.id)
+        .collect();
+    if !taken.is_empty() {
+        return Err(ApiError::Conflict(
+            "seat_unavailable",
+            format!("these seats are taken: {taken:?}"),
+        ));
+    }
+    // The new hold replaces this pass's previous one (in this transaction: if anything fails,
+    // the previous hold stands).
+    if !previous.is_empty() {
+        sqlx::query(
+            "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
+             WHERE hold_id = ANY($1) AND status = 'held'",
+        )
+        .bind(&previous)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE holds SET status = 'released' WHERE id = ANY($1)")
+            .bind(&previous)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let hold_id = Uuid::new_v4();
+    let expires_at = now + chrono::Duration::seconds(state.config.hold_ttl_secs as i64);
+    sqlx::query(
+        "UPDATE seats SET status = 'held', hold_id = $2, held_until = $3 WHERE id = ANY($1)",
+    )
+    .bind(&seat_ids)
+    .bind(hold_id)
+    .bind(expires_at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO holds (id, event_id, jti, seat_ids, expires_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(hold_id)
+    .bind(pass.event.get())
+    .bind(pass.claims.jti)
+    .bind(&seat_ids)
+    .bind(expires_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    metrics::counter!("purchase_holds_total").increment(1);
+    Ok((
+        StatusCode::CREATED,
+        Json(HoldView {
+            hold_id,
+            total_cents: seats.iter().map(|s| s.price_cents).sum(),
+            seat_ids,
+            expires_at,
+        }),
+    ))
+}
+
+#[instrument(skip_all, fields(event = %pass.event))]
+async fn release(
+    State(state): State<AppState>,
+    pass: Pass,
+    Path((_, hold_id)): Path<(i64, Uuid)>,
+) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pg.begin().await?;
+    let released = sqlx::query(
+        "UPDATE holds SET status = 'released'
+         WHERE id = $1 AND jti = $2 AND event_id = $3 AND status = 'active'",
+    )
+    .bind(hold_id)
+    .bind(pass.claims.jti)
+    .bind(pass.event.get())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if released == 0 {
+        return Err(ApiError::NotFound(
+            "hold_not_found",
+            "this pass has no active hold with that id".into(),
+        ));
+    }
+    sqlx::query(
+        "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
+         WHERE hold_id = $1 AND status = 'held'",
+    )
+    .bind(hold_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Returns the seats of expired holds to sale (they are already treated as free; this keeps the
+/// table honest for reports and for the next hold's scan).
+pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.hold_sweep_ms.max(100)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let swept = sqlx::query(
+            "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
+             WHERE status = 'held' AND held_until < now()",
+        )
+        .execute(&state.pg)
+        .await;
+        match swept {
+            Ok(r) if r.rows_affected() > 0 => {
+                metrics::counter!("purchase_seats_returned_total").increment(r.rows_affected());
+                tracing::info!(seats = r.rows_affected(), "expired holds returned to sale");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The admission controller. Every instance runs this loop; for each event on sale, the instance
+//! holding the event's leader lease in Redis admits fans: it moves the serving head by the
+//! configured rate (carrying fractions between ticks, so the rate holds over a minute) and never
+//! lets active shoppers exceed the cap.
+//!
+//! Safety: the admission script checks the lease atomically with the admission, so a paused old
+//! leader that wakes up after losing its lease admits nobody; and it records the tick id it
+//! applied, so a script replayed after a reconnect admits nobody twice.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use shared::event::SaleEvent;
+use shared::ids::EventId;
+use shared::redis::Redis;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::hub::QueueState;
+use crate::AppState;
+
+static LEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: leader   ARGV: instance id, lease ms
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: leader, drawn, head, tail, active, last-tick
+-- ARGV: instance id, wanted, max active, tick id
+-- Returns {admitted, head, tail, active}; admitted = -1 when not the leader, -2 before the draw.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {-1, 0, 0, 0}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-2, 0, 0, 0}
+end
+local head = tonumber(redis.call('GET', KEYS[3]) or '0')
+local tail = tonumber(redis.call('GET', KEYS[4]) or '0')
+local active = tonumber(redis.call('GET', KEYS[5]) or '0')
+if redis.call('GET', KEYS[6]) == ARGV[4] then
+  return {0, head, tail, active}
+end
+local n = tonumber(ARGV[2])
+local room = tonumber(ARGV[3]) - active
+if room < n then n = room end
+if tail - head < n then n = tail - head end
+if n < 0 then n = 0 end
+head = head + n
+active = active + n
+redis.call('SET', KEYS[3], head)
+redis.call('SET', KEYS[5], active)
+redis.call('SET', KEYS[6], ARGV[4])
+return {n, head, tail, active}
+"#,
+    )
+});
+
+/// What this instance remembers about an event it leads.
+struct Led {
+    credit: f64,
+    last: Instant,
+}
+
+pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let instance = Uuid::new_v4().simple().to_string();
+    let mut tick = tokio::time::interval(Duration::from_millis(state.config.admission_tick_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut led: HashMap<EventId, Led> = HashMap::new();
+    let mut events: Vec<SaleEvent> = Vec::new();
+    let mut events_read = Instant::now() - Duration::from_secs(60);
+    let mut tick_no: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        tick_no += 1;
+        if events_read.elapsed() >= Duration::from_secs(1) {
+            match SaleEvent::on_sale(&state.pg).await {
+                Ok(list) => {
+                    events = list;
+                    events_read = Instant::now();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot list events on sale"),
+            }
+        }
+        for event in &events {
+            let tick_id = format!("{instance}:{tick_no}");
+            if let Err(e) = admit_tick(&state, &instance, event, &mut led, &tick_id).await {
+                tracing::warn!(event = event.id, error = %e, "admission tick failed");
+            }
+        }
+    }
+    release_leases(&state.redis, &instance, led.keys().copied()).await;
+    Ok(())
+}
+
+async fn admit_tick(
+    state: &AppState,
+    instance: &str,
+    event: &SaleEvent,
+    led: &mut HashMap<EventId, Led>,
+    tick_id: &str,
+) -> anyhow::Result<()> {
+    let id = event.event_id();
+    let keys = state.redis.keys(id);
+    let client = state.redis.client();
+    let leading: i64 = LEAD
+        .evalsha_with_reload(
+            client,
+            vec![keys.leader()],
+            vec![instance.to_owned(), state.config.leader_lease_ms.to_string()],
+        )
+        .await?;
+    if leading != 1 {
+        led.remove(&id);
+        return Ok(());
+    }
+    let now = Instant::now();
+    let entry = led.entry(id).or_insert_with(|| {
+        tracing::info!(event = %id, "leading admissions");
+        Led {
+            credit: 0.0,
+            last: now,
+        }
+    });
+    let elapsed = now.duration_since(entry.last).as_secs_f64();
+    entry.last = now;
+    entry.credit += f64::from(event.rate_per_minute) * elapsed / 60.0;
+    let wanted = entry.credit.floor() as i64;
+    let result: Vec<i64> = ADMIT
+        .evalsha_with_reload(
+            client,
+            vec![
+                keys.leader(),
+                keys.drawn(),
+                keys.head(),
+                keys.tail(),
+                keys.active(),
+                keys.last_tick(),
+            ],
+            vec![
+                instance.to_owned(),
+                wanted.to_string(),
+                event.max_active.to_string(),
+                tick_id.to_owned(),
+            ],
+        )
+        .await?;
+    let [admitted, head, tail, active] = result[..] else {
+        anyhow::bail!("admission script returned {result:?}");
+    };
+    match admitted {
+        -1 => {
+            led.remove(&id);
+            return Ok(());
+        }
+        -2 => {
+            // Not drawn yet: nothing accrues before the queue exists.
+            entry.credit = 0.0;
+            return Ok(());
+        }
+        _ => {}
+    }
+    // Demand the cap or an empty line blocked is dropped, not saved up for a burst later.
+    entry.credit -= wanted as f64;
+    if admitted > 0 {
+        metrics::counter!("queue_admitted_total").increment(admitted as u64);
+    }
+    let snapshot = QueueState {
+        event_id: event.id,
+        drawn: true,
+        head,
+        tail,
+        active,
+        rate_per_minute: i64::from(event.rate_per_minute),
+        max_active: i64::from(event.max_active),
+        at_ms: Utc::now().timestamp_millis(),
+    };
+    let payload = serde_json::to_string(&snapshot)?;
+    let _: i64 = client
+        .publish(state.redis.state_channel(), payload)
+        .await?;
+    Ok(())
+}
+
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
+});
+
+/// Gives up this instance's leases at shutdown so another instance takes over at once.
+async fn release_leases(redis: &Redis, instance: &str, events: impl Iterator<Item = EventId>) {
+    for event in events {
+        let result: Result<i64, _> = RELEASE
+            .evalsha_with_reload(
+                redis.client(),
+                vec![redis.keys(event).leader()],
+                vec![instance.to_owned()],
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(event = %event, error = %e, "could not release admission lease");
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The queue service's configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use shared::config::{parse_bind, CommonConfig};
+
+/// fairgate queue: the websocket waiting room, the admission controller and passes.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "queue", version)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "FAIRGATE_QUEUE_BIND", default_value = "127.0.0.1:8082", value_parser = parse_bind)]
+    pub bind: SocketAddr,
+
+    /// Ed25519 signing key for passes (and to verify tickets): 64 hex digits.
+    #[arg(long, env = "FAIRGATE_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<String>,
+
+    /// File holding the signing key as 64 hex digits (used when FAIRGATE_SIGNING_KEY is unset).
+    #[arg(long, env = "FAIRGATE_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+
+    /// Admission controller tick, in milliseconds.
+    #[arg(long, env = "FAIRGATE_ADMISSION_TICK_MS", default_value_t = 250)]
+    pub admission_tick_ms: u64,
+
+    /// Lease of the admission leader, in milliseconds: a dead leader is replaced after it.
+    #[arg(long, env = "FAIRGATE_LEADER_LEASE_MS", default_value_t = 3000)]
+    pub leader_lease_ms: u64,
+
+    /// How often each instance re-reads queue state from Redis, besides pub/sub, in ms.
+    #[arg(long, env = "FAIRGATE_REFRESH_MS", default_value_t = 1000)]
+    pub refresh_ms: u64,
+
+    /// Origins allowed to open the waiting-room websocket, comma-separated; the service's own
+    /// origin is always allowed, and clients sending no Origin (non-browsers) are too.
+    #[arg(long, env = "FAIRGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Most open websockets per ticket (tabs); more are refused with 429.
+    #[arg(long, env = "FAIRGATE_MAX_SOCKETS_PER_TICKET", default_value_t = 4)]
+    pub max_sockets_per_ticket: usize,
+
+    /// Websocket keep-alive ping interval, in seconds.
+    #[arg(long, env = "FAIRGATE_WS_PING_SECS", default_value_t = 20)]
+    pub ws_ping_secs: u64,
+
+    #[command(flatten)]
+    pub common: CommonConfig,
+}

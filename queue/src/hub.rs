@@ -1,0 +1,258 @@
+//! Each instance's view of every event that has a waiter here: one `watch` channel per event,
+//! fed by one Redis pub/sub subscription for the whole instance (fast path) and a periodic
+//! re-read of the event's counters (so a missed message costs at most one refresh interval).
+//! Waiters only read their event's channel: an update costs O(1) Redis work per instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+use shared::config::CommonConfig;
+use shared::event::SaleEvent;
+use shared::ids::{EventId, TicketId};
+use shared::redis::Redis;
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The state of one event's queue that every waiter's numbers derive from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueState {
+    pub event_id: i64,
+    /// The draw's queue is in Redis.
+    pub drawn: bool,
+    /// Highest position admitted.
+    pub head: i64,
+    /// Highest position handed out.
+    pub tail: i64,
+    pub active: i64,
+    pub rate_per_minute: i64,
+    pub max_active: i64,
+    /// Milliseconds since the epoch when this was read.
+    pub at_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+struct HubInner {
+    redis: Redis,
+    pg: PgPool,
+    events: Mutex<HashMap<EventId, watch::Sender<QueueState>>>,
+    sockets: Mutex<HashMap<TicketId, usize>>,
+}
+
+impl Hub {
+    pub fn new(redis: Redis, pg: PgPool) -> Self {
+        Hub {
+            inner: Arc::new(HubInner {
+                redis,
+                pg,
+                events: Mutex::default(),
+                sockets: Mutex::default(),
+            }),
+        }
+    }
+
+    /// A receiver of `event`'s state, reading it from Redis first if no one here watched it.
+    pub async fn watch(&self, event: EventId) -> watch::Receiver<QueueState> {
+        let (receiver, fresh) = {
+            let mut events = self
+                .inner
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match events.get(&event) {
+                Some(sender) => (sender.subscribe(), false),
+                None => {
+                    let (sender, receiver) = watch::channel(QueueState {
+                        event_id: event.get(),
+                        ..QueueState::default()
+                    });
+                    events.insert(event, sender);
+                    (receiver, true)
+                }
+            }
+        };
+        if fresh {
+            if let Ok(state) = read_state(&self.inner.redis, &self.inner.pg, event).await {
+                self.apply(state);
+            }
+        }
+        receiver
+    }
+
+    /// Publishes a newer state to this instance's waiters of that event.
+    pub fn apply(&self, state: QueueState) {
+        let Some(event) = EventId::new(state.event_id) else {
+            return;
+        };
+        let events = self
+            .inner
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = events.get(&event) {
+            sender.send_if_modified(|current| {
+                // Never go back: an older read arriving late must not move anyone backwards.
+                if state.at_ms < current.at_ms {
+                    return false;
+                }
+                let next = QueueState {
+                    head: current.head.max(state.head),
+                    ..state
+                };
+                let changed = QueueState {
+                    at_ms: current.at_ms,
+                    ..next.clone()
+                } != *current;
+                if changed {
+                    *current = next;
+                }
+                changed
+            });
+        }
+    }
+
+    /// Registers a socket for `ticket`; `None` if it already has `max` open.
+    pub fn open_socket(&self, ticket: TicketId, max: usize) -> Option<SocketGuard> {
+        let mut sockets = self
+            .inner
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let count = sockets.entry(ticket).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        metrics::gauge!("queue_websockets_open").increment(1.0);
+        Some(SocketGuard {
+            hub: self.clone(),
+            ticket,
+        })
+    }
+
+    /// One subscription for the whole instance to the admission controllers' state channel.
+    pub async fn run_subscriber(
+        self,
+        config: CommonConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let subscriber = shared::redis::builder(&config.redis_url, config.redis_command_timeout())?
+            .build_subscriber_client()?;
+        subscriber.init().await?;
+        let _resubscribe = subscriber.manage_subscriptions();
+        let mut messages = subscriber.message_rx();
+        subscriber.subscribe(self.inner.redis.state_channel()).await?;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = messages.recv() => match message {
+                    Ok(message) => {
+                        let parsed = message
+                            .value
+                            .as_str()
+                            .and_then(|raw| serde_json::from_str::<QueueState>(&raw).ok());
+                        if let Some(state) = parsed {
+                            self.apply(state);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "queue-state subscriber lagged");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        let _ = subscriber.quit().await;
+        Ok(())
+    }
+
+    /// Re-reads every watched event's state periodically and forgets events nobody watches.
+    pub async fn run_refresher(
+        self,
+        every_ms: u64,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let watched: Vec<EventId> = {
+                let mut events = self
+                    .inner
+                    .events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                events.retain(|_, sender| sender.receiver_count() > 0);
+                events.keys().copied().collect()
+            };
+            for event in watched {
+                match read_state(&self.inner.redis, &self.inner.pg, event).await {
+                    Ok(state) => self.apply(state),
+                    Err(e) => tracing::warn!(event = %event, error = %e, "queue state refresh failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Decrements a ticket's open-socket count when the socket ends.
+pub struct SocketGuard {
+    hub: Hub,
+    ticket: TicketId,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let mut sockets = self
+            .hub
+            .inner
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = sockets.get_mut(&self.ticket) {
+            *count -= 1;
+            if *count == 0 {
+                sockets.remove(&self.ticket);
+            }
+        }
+        metrics::gauge!("queue_websockets_open").decrement(1.0);
+    }
+}
+
+/// Reads an event's queue counters from Redis (one MGET) and its settings from Postgres.
+pub async fn read_state(
+    redis: &Redis,
+    pg: &PgPool,
+    event: EventId,
+) -> anyhow::Result<QueueState> {
+    let keys = redis.keys(event);
+    let values: Vec<Option<i64>> = redis
+        .client()
+        .mget(vec![keys.drawn(), keys.head(), keys.tail(), keys.active()])
+        .await?;
+    let get = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+    let settings = SaleEvent::load(pg, event)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(QueueState {
+        event_id: event.get(),
+        drawn: get(0) == 1,
+        head: get(1),
+        tail: get(2),
+        active: get(3),
+        rate_per_minute: i64::from(settings.rate_per_minute),
+        max_active: i64::from(settings.max_active),
+        at_ms: Utc::now().timestamp_millis(),
+    })
+}

@@ -1,0 +1,157 @@
+//! Passes: issued to admitted fans, recorded in Postgres (one per ticket), signed with Ed25519.
+//! Re-issuing returns the same pass: the claims come from the stored row and Ed25519 signatures
+//! are deterministic, so no token needs storing. Public keys are at `/.well-known/jwks.json`.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+use shared::event::SaleEvent;
+use shared::extract::{Json, Path};
+use shared::ids::{EventId, Position, TicketId};
+use shared::token::{Jwks, PassClaims, TicketClaims, TokenKind};
+use shared::ApiError;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/api/v1/events/{id}/pass", post(claim))
+}
+
+async fn jwks(State(state): State<AppState>) -> Json<Jwks> {
+    Json(state.signer.jwks())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IssuedPass {
+    pub pass: String,
+    pub jti: Uuid,
+    pub expires_at: DateTime<Utc>,
+    pub seat_limit: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct PassRow {
+    jti: Uuid,
+    identity: String,
+    seat_limit: i32,
+    issued_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
+
+/// The pass of an admitted ticket: the one already issued, or a new one recorded now.
+#[instrument(skip_all, fields(event = %ticket.evt, ticket = %ticket.tkt))]
+pub async fn issue(
+    state: &AppState,
+    event: &SaleEvent,
+    ticket: &TicketClaims,
+) -> Result<IssuedPass, ApiError> {
+    let now = DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
+    let expires = now + chrono::Duration::seconds(i64::from(event.pass_ttl_secs));
+    sqlx::query(
+        "INSERT INTO passes (jti, event_id, ticket_id, identity, seat_limit, issued_at,
+                             expires_at, kid)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT ON CONSTRAINT passes_one_per_ticket DO NOTHING",
+    )
+    .bind(Uuid::new_v4())
+    .bind(event.id)
+    .bind(ticket.tkt.0)
+    .bind(&ticket.sub)
+    .bind(event.seats_per_fan)
+    .bind(now)
+    .bind(expires)
+    .bind(state.signer.kid())
+    .execute(&state.pg)
+    .await?;
+    let row = sqlx::query_as::<_, PassRow>(
+        "SELECT jti, identity, seat_limit, issued_at, expires_at FROM passes WHERE ticket_id = $1",
+    )
+    .bind(ticket.tkt.0)
+    .fetch_one(&state.pg)
+    .await?;
+    let claims = PassClaims {
+        iss: state.signer.issuer().to_owned(),
+        aud: TokenKind::Pass.audience().to_owned(),
+        sub: row.identity,
+        evt: event.event_id(),
+        tkt: ticket.tkt,
+        jti: row.jti,
+        iat: row.issued_at.timestamp(),
+        nbf: row.issued_at.timestamp(),
+        exp: row.expires_at.timestamp(),
+        lim: u32::try_from(row.seat_limit).unwrap_or(1),
+    };
+    metrics::counter!("queue_passes_signed_total").increment(1);
+    Ok(IssuedPass {
+        pass: state.signer.sign(TokenKind::Pass, &claims)?,
+        jti: row.jti,
+        expires_at: row.expires_at,
+        seat_limit: row.seat_limit,
+    })
+}
+
+/// The ticket's queue position, if the draw has placed it.
+pub async fn position_of(
+    state: &AppState,
+    event: EventId,
+    ticket: TicketId,
+) -> Result<Option<Position>, ApiError> {
+    let score: Option<f64> = state
+        .redis
+        .client()
+        .zscore(state.redis.keys(event).queue(), ticket.to_string())
+        .await?;
+    Ok(score.and_then(|s| Position::new(s as i64)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimRequest {
+    ticket: String,
+}
+
+/// `POST /api/v1/events/{id}/pass`: a fan who was offline at their turn claims the pass with
+/// their signed ticket (never just a ticket id, which is public once the draw is published).
+#[instrument(skip_all, fields(event = id))]
+async fn claim(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Json(request): Json<ClaimRequest>,
+) -> Result<Json<IssuedPass>, ApiError> {
+    let event_id = EventId::new(id)
+        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let ticket = state
+        .verifier
+        .verify_ticket(&request.ticket, event_id)
+        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    let event = SaleEvent::load(&state.pg, event_id).await?;
+    let position = position_of(&state, event_id, ticket.tkt).await?.ok_or_else(|| {
+        ApiError::Conflict(
+            "not_in_queue_yet",
+            "this ticket has no queue position yet (the draw has not run)".into(),
+        )
+    })?;
+    let head: Option<i64> = state
+        .redis
+        .client()
+        .get(state.redis.keys(event_id).head())
+        .await?;
+    let head = head.unwrap_or(0);
+    if position.get() > head {
+        return Err(ApiError::Conflict(
+            "not_admitted_yet",
+            format!(
+                "not your turn yet: {} fans are ahead of you",
+                position.get() - head - 1
+            ),
+        ));
+    }
+    Ok(Json(issue(&state, &event, &ticket).await?))
+}

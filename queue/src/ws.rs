@@ -1,0 +1,203 @@
+//! `GET /api/v1/events/{id}/ws?ticket=…`: the waiting room's websocket. On connect and on every
+//! change of the event's queue state the fan gets a JSON status (phase, position, fans ahead,
+//! serving head, rate, ETA with a range); at their turn, the pass; pings keep the line alive.
+//! The socket's numbers come from the instance's `watch` channel: no Redis call per update.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use shared::event::SaleEvent;
+use shared::extract::{Path, Query};
+use shared::ids::{EventId, Position};
+use shared::token::{TicketClaims, TokenKind};
+use shared::ApiError;
+use tracing::instrument;
+
+use crate::hub::{QueueState, SocketGuard};
+use crate::pass::{self, IssuedPass};
+use crate::AppState;
+
+/// Websocket buffers: small, because a waiter only receives short JSON messages and 200,000 of
+/// them must fit in memory (the 128 KiB default would cost ~138 KB per idle socket).
+const WS_BUFFER: usize = 4 * 1024;
+const WS_MAX_MESSAGE: usize = 4 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/events/{id}/ws", get(upgrade))
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    ticket: String,
+}
+
+/// What the waiting page shows.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Status {
+        /// "waiting_for_draw", "queued" or "admitted".
+        phase: String,
+        position: Option<i64>,
+        ahead: Option<i64>,
+        serving_head: i64,
+        queue_length: i64,
+        rate_per_minute: i64,
+        eta_secs: Option<i64>,
+        eta_low_secs: Option<i64>,
+        eta_high_secs: Option<i64>,
+        sale_starts_at: DateTime<Utc>,
+    },
+    Pass(IssuedPass),
+}
+
+#[instrument(skip_all, fields(event = id))]
+async fn upgrade(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    check_origin(&state, &headers)?;
+    let event_id = EventId::new(id)
+        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let ticket = state
+        .verifier
+        .verify_ticket(&query.ticket, event_id)
+        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    let event = SaleEvent::load(&state.pg, event_id).await?;
+    let guard = state
+        .hub
+        .open_socket(ticket.tkt, state.config.max_sockets_per_ticket)
+        .ok_or_else(|| ApiError::RateLimited {
+            retry_after_secs: 5,
+            message: "too many open waiting-room connections for this ticket".into(),
+        })?;
+    Ok(upgrade
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .max_message_size(WS_MAX_MESSAGE)
+        .max_frame_size(WS_MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            if let Err(e) = wait(state, event, ticket, socket, guard).await {
+                tracing::debug!(error = %e, "waiting-room socket ended with an error");
+            }
+        }))
+}
+
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let own = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|host| [format!("http://{host}"), format!("https://{host}")]);
+    let same = own.is_some_and(|o| o.iter().any(|x| x == origin));
+    if same || state.config.allowed_origins.iter().any(|a| a == origin) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "origin_not_allowed",
+            format!("websocket connections from origin {origin} are not allowed"),
+        ))
+    }
+}
+
+async fn wait(
+    state: AppState,
+    event: SaleEvent,
+    ticket: TicketClaims,
+    socket: WebSocket,
+    _guard: SocketGuard,
+) -> anyhow::Result<()> {
+    let (mut sink, mut stream) = socket.split();
+    let mut queue = state.hub.watch(event.event_id()).await;
+    let mut position: Option<Position> = None;
+    let mut ping = tokio::time::interval(Duration::from_secs(state.config.ws_ping_secs.max(1)));
+    ping.tick().await;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            let snapshot = queue.borrow_and_update().clone();
+            if position.is_none() && snapshot.drawn {
+                // Once per socket, when the draw has placed the fan (or at connect).
+                position = pass::position_of(&state, event.event_id(), ticket.tkt).await?;
+            }
+            if position.is_some_and(|p| p.get() <= snapshot.head) {
+                let issued = pass::issue(&state, &event, &ticket).await?;
+                sink.send(text(&ServerMessage::Pass(issued))?).await?;
+                sink.send(close(1000, "admitted")).await?;
+                return Ok(());
+            }
+            sink.send(text(&status(&event, &snapshot, position))?).await?;
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                let _ = sink.send(close(1001, "server shutting down; reconnect")).await;
+                return Ok(());
+            }
+            changed = queue.changed() => {
+                if changed.is_err() {
+                    let _ = sink.send(close(1011, "queue state unavailable; reconnect")).await;
+                    return Ok(());
+                }
+                dirty = true;
+            }
+            incoming = stream.next() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => sink.send(Message::Ping(Default::default())).await?,
+        }
+    }
+}
+
+fn text(message: &ServerMessage) -> anyhow::Result<Message> {
+    Ok(Message::Text(serde_json::to_string(message)?.into()))
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// A waiter's numbers from the shared queue state: O(1), no I/O.
+pub fn status(event: &SaleEvent, queue: &QueueState, position: Option<Position>) -> ServerMessage {
+    let rate = queue.rate_per_minute.max(1);
+    let (phase, ahead, eta) = match position {
+        _ if !queue.drawn => ("waiting_for_draw", None, None),
+        None => ("queued", None, None),
+        Some(p) => {
+            let ahead = (p.get() - queue.head - 1).max(0);
+            let eta = (ahead + 1) * 60 / rate;
+            ("queued", Some(ahead), Some(eta))
+        }
+    };
+    ServerMessage::Status {
+        phase: phase.to_owned(),
+        position: position.map(Position::get),
+        ahead,
+        serving_head: queue.head,
+        queue_length: (queue.tail - queue.head).max(0),
+        rate_per_minute: queue.rate_per_minute,
+        eta_secs: eta,
+        // No-shows and cap stalls make the real wait vary both ways.
+        eta_low_secs: eta.map(|e| e * 4 / 5),
+        eta_high_secs: eta.map(|e| e * 3 / 2),
+        sale_starts_at: event.sale_starts_at,
+    }
+}
