@@ -87,7 +87,7 @@ CREATE TABLE holds (
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at  TIMESTAMPTZ NOT NULL,
     status      TEXT        NOT NULL DEFAULT 'active'
-                CHECK (status IN ('active', 'released', 'purchased'))
+                CHECK (status IN ('active', 'paying', 'released', 'purchased'))
 );
 CREATE INDEX holds_jti ON holds (jti);
 

@@ -97,12 +97,11 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
         return Ok(None);
     }
     let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
-    let mut entrants: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'",
-    )
-    .bind(event.get())
-    .fetch_all(&mut *tx)
-    .await?;
+    let mut entrants: Vec<Uuid> =
+        sqlx::query_scalar("SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'")
+            .bind(event.get())
+            .fetch_all(&mut *tx)
+            .await?;
     let entrants = tokio::task::spawn_blocking(move || {
         shared::draw::draw_order(&seed, &mut entrants);
         entrants
@@ -177,7 +176,11 @@ async fn scheduler_tick(state: &AppState) -> Result<(), ApiError> {
     .fetch_all(&state.pg)
     .await?;
     for id in live.into_iter().filter_map(EventId::new) {
-        let present: i64 = state.redis.client().exists(state.redis.keys(id).drawn()).await?;
+        let present: i64 = state
+            .redis
+            .client()
+            .exists(state.redis.keys(id).drawn())
+            .await?;
         if present == 0 && queue_store::publish(&state.pg, &state.redis, id).await? {
             tracing::warn!(event = %id, "redis queue was missing; rebuilt from postgres");
         }

@@ -168,7 +168,11 @@ async fn join(
         ticket_id: row.ticket_id,
         ticket: sign_ticket(&state, &event, ticket, &row)?,
         receipt: sign_receipt(&state, &event, ticket, &row, &commitment)?,
-        status: if position.is_some() { "queued" } else { "buffered" },
+        status: if position.is_some() {
+            "queued"
+        } else {
+            "buffered"
+        },
         position,
         joined_at: row.joined_at,
         commitment: hex::encode(commitment),

@@ -106,10 +106,8 @@ async fn checkout(
             "payment_token: not a card token this payment provider issued".into(),
         ));
     }
-    let hash = sha2::Sha256::digest(
-        serde_json::to_vec(&request).map_err(ApiError::internal)?,
-    )
-    .to_vec();
+    let hash =
+        sha2::Sha256::digest(serde_json::to_vec(&request).map_err(ApiError::internal)?).to_vec();
 
     let claimed = sqlx::query(
         "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
@@ -181,8 +179,6 @@ async fn replay(
 struct HoldRow {
     jti: Uuid,
     seat_ids: Vec<i64>,
-    expires_at: DateTime<Utc>,
-    status: String,
 }
 
 /// Runs a claimed checkout. `Err` means nothing happened (the key is freed); `Ok` is the final
@@ -195,7 +191,7 @@ async fn run(
 ) -> Result<Final, ApiError> {
     ensure_pass_unused(state, pass.claims.jti).await?;
     let hold = sqlx::query_as::<_, HoldRow>(
-        "SELECT jti, seat_ids, expires_at, status FROM holds WHERE id = $1 AND event_id = $2",
+        "SELECT jti, seat_ids FROM holds WHERE id = $1 AND event_id = $2",
     )
     .bind(request.hold_id)
     .bind(pass.event.get())
@@ -203,18 +199,58 @@ async fn run(
     .await?
     .filter(|h| h.jti == pass.claims.jti)
     .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
-    if hold.status != "active" {
-        return Err(ApiError::Conflict(
-            "hold_not_active",
-            format!("this hold was {}", hold.status),
-        ));
+    claim_hold(state, request.hold_id).await?;
+    let result = charge_and_commit(state, pass, key, request, &hold).await;
+    // Whatever did not end in a purchase gives the hold back (it still expires on time).
+    let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
+    if !settled {
+        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
+            .bind(request.hold_id)
+            .execute(&state.pg)
+            .await?;
     }
-    if hold.expires_at <= Utc::now() {
-        return Err(ApiError::Conflict(
+    result
+}
+
+/// Marks the hold as being paid for, so a second checkout of the same hold (another key, a
+/// second tab) is refused before it can charge the card again.
+async fn claim_hold(state: &AppState, hold_id: Uuid) -> Result<(), ApiError> {
+    let claimed = sqlx::query(
+        "UPDATE holds SET status = 'paying'
+         WHERE id = $1 AND status = 'active' AND expires_at > now()",
+    )
+    .bind(hold_id)
+    .execute(&state.pg)
+    .await?
+    .rows_affected()
+        == 1;
+    if claimed {
+        return Ok(());
+    }
+    let status: String = sqlx::query_scalar("SELECT status FROM holds WHERE id = $1")
+        .bind(hold_id)
+        .fetch_one(&state.pg)
+        .await?;
+    Err(match status.as_str() {
+        "paying" => ApiError::Conflict(
+            "checkout_in_progress",
+            "this hold is already being paid for".into(),
+        ),
+        "active" => ApiError::Conflict(
             "hold_expired",
             "this hold has expired; hold the seats again".into(),
-        ));
-    }
+        ),
+        other => ApiError::Conflict("hold_not_active", format!("this hold was {other}")),
+    })
+}
+
+async fn charge_and_commit(
+    state: &AppState,
+    pass: &Pass,
+    key: &str,
+    request: &CheckoutRequest,
+    hold: &HoldRow,
+) -> Result<Final, ApiError> {
     let total: i64 = sqlx::query_scalar(
         "SELECT COALESCE(sum(price_cents), 0)::bigint FROM seats WHERE id = ANY($1)",
     )
@@ -267,7 +303,7 @@ async fn run(
     .execute(&state.pg)
     .await?;
 
-    match commit(state, pass, key, request.hold_id, &hold, total, &reference).await {
+    match commit(state, pass, key, request.hold_id, hold, total, &reference).await {
         Ok(done) => {
             finish_shopper(state, pass).await;
             metrics::counter!("purchase_orders_total").increment(1);
@@ -334,7 +370,9 @@ async fn commit(
     let now = Utc::now();
     let still_ours = seats.len() == hold.seat_ids.len()
         && seats.iter().all(|s| {
-            s.status == "held" && s.hold_id == Some(hold_id) && s.held_until.is_some_and(|t| t > now)
+            s.status == "held"
+                && s.hold_id == Some(hold_id)
+                && s.held_until.is_some_and(|t| t > now)
         });
     if !still_ours {
         return Err(ApiError::Conflict(
@@ -464,7 +502,7 @@ async fn order(
     pass: Pass,
     Path((_, order_id)): Path<(i64, Uuid)>,
 ) -> Result<Json<OrderView>, ApiError> {
-    let row: Option<(Uuid, i64, Uuid, String, i64, String, DateTime<Utc>)> = sqlx::query_as(
+    let row = sqlx::query_as::<_, OrderRow>(
         "SELECT id, event_id, hold_id, status, total_cents, payment_ref, created_at
          FROM orders WHERE id = $1 AND jti = $2 AND event_id = $3",
     )
@@ -472,25 +510,35 @@ async fn order(
     .bind(pass.claims.jti)
     .bind(pass.event.get())
     .fetch_optional(&state.pg)
-    .await?;
-    let (order_id, event_id, hold_id, status, total_cents, payment_ref, created_at) = row
-        .ok_or_else(|| ApiError::NotFound("order_not_found", "this pass has no such order".into()))?;
+    .await?
+    .ok_or_else(|| ApiError::NotFound("order_not_found", "this pass has no such order".into()))?;
     let tickets: Vec<(String, i64)> =
         sqlx::query_as("SELECT code, seat_id FROM tickets WHERE order_id = $1 ORDER BY seat_id")
-            .bind(order_id)
+            .bind(row.id)
             .fetch_all(&state.pg)
             .await?;
     Ok(Json(OrderView {
-        order_id,
-        event_id,
-        hold_id,
-        status,
-        total_cents,
-        payment_ref,
+        order_id: row.id,
+        event_id: row.event_id,
+        hold_id: row.hold_id,
+        status: row.status,
+        total_cents: row.total_cents,
+        payment_ref: row.payment_ref,
         tickets: tickets
             .into_iter()
             .map(|(code, seat_id)| TicketView { code, seat_id })
             .collect(),
-        created_at,
+        created_at: row.created_at,
     }))
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    event_id: i64,
+    hold_id: Uuid,
+    status: String,
+    total_cents: i64,
+    payment_ref: String,
+    created_at: DateTime<Utc>,
 }

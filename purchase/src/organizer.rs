@@ -115,7 +115,10 @@ impl CreateEvent {
             ));
         }
         if s.sale_starts_at >= s.sale_ends_at {
-            return Err(invalid("sale.sale_ends_at", "must be after sale.sale_starts_at"));
+            return Err(invalid(
+                "sale.sale_ends_at",
+                "must be after sale.sale_starts_at",
+            ));
         }
         if s.sale_ends_at <= Utc::now() {
             return Err(invalid("sale.sale_ends_at", "must be in the future"));

@@ -87,9 +87,7 @@ impl FromRequestParts<AppState> for Pass {
             .and_then(|(_, raw)| raw.parse::<i64>().ok())
             .and_then(EventId::new)
             .ok_or_else(|| ApiError::NotFound("event_not_found", "no such event".into()))?;
-        let token = bearer(parts).ok_or_else(|| {
-            TokenError::Missing.into_api(TokenKind::Pass)
-        })?;
+        let token = bearer(parts).ok_or_else(|| TokenError::Missing.into_api(TokenKind::Pass))?;
         let claims = state
             .passes
             .verify(token, event)

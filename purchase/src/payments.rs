@@ -79,19 +79,21 @@ impl PaymentProvider for Sandbox {
             return Err(PaymentError::Unavailable("sandbox outage".into()));
         }
         let mut charges = self.charges.lock().unwrap_or_else(|p| p.into_inner());
-        let outcome = charges.entry(key.to_owned()).or_insert_with(|| match token {
-            TOKEN_OK => ChargeOutcome::Succeeded {
-                reference: format!("sb_ch_{}", Uuid::new_v4().simple()),
-            },
-            TOKEN_INSUFFICIENT => ChargeOutcome::Declined {
-                code: "insufficient_funds",
-                message: "the card has insufficient funds".into(),
-            },
-            _ => ChargeOutcome::Declined {
-                code: "card_declined",
-                message: "the card was declined".into(),
-            },
-        });
+        let outcome = charges
+            .entry(key.to_owned())
+            .or_insert_with(|| match token {
+                TOKEN_OK => ChargeOutcome::Succeeded {
+                    reference: format!("sb_ch_{}", Uuid::new_v4().simple()),
+                },
+                TOKEN_INSUFFICIENT => ChargeOutcome::Declined {
+                    code: "insufficient_funds",
+                    message: "the card has insufficient funds".into(),
+                },
+                _ => ChargeOutcome::Declined {
+                    code: "card_declined",
+                    message: "the card was declined".into(),
+                },
+            });
         Ok(outcome.clone())
     }
 
@@ -117,7 +119,10 @@ mod tests {
         assert_ne!(a, c);
         assert!(matches!(
             sandbox.charge("k3", 100, TOKEN_DECLINED).await,
-            Ok(ChargeOutcome::Declined { code: "card_declined", .. })
+            Ok(ChargeOutcome::Declined {
+                code: "card_declined",
+                ..
+            })
         ));
     }
 }

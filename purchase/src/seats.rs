@@ -120,12 +120,11 @@ async fn hold(
     ensure_pass_unused(&state, pass.claims.jti).await?;
 
     let mut tx = state.pg.begin().await?;
-    let previous: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM holds WHERE jti = $1 AND status = 'active' FOR UPDATE",
-    )
-    .bind(pass.claims.jti)
-    .fetch_all(&mut *tx)
-    .await?;
+    let previous: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM holds WHERE jti = $1 AND status = 'active' FOR UPDATE")
+            .bind(pass.claims.jti)
+            .fetch_all(&mut *tx)
+            .await?;
     let seats = sqlx::query_as::<_, LockedSeat>(
         "SELECT id, status, hold_id, held_until, price_cents FROM seats
          WHERE event_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
@@ -136,7 +135,11 @@ async fn hold(
     .await?;
     if seats.len() != seat_ids.len() {
         let found: HashSet<i64> = seats.iter().map(|s| s.id).collect();
-        let missing: Vec<i64> = seat_ids.iter().copied().filter(|id| !found.contains(id)).collect();
+        let missing: Vec<i64> = seat_ids
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect();
         return Err(ApiError::NotFound(
             "seat_not_found",
             format!("no such seats in this event: {missing:?}"),
@@ -245,7 +248,8 @@ async fn release(
 /// Returns the seats of expired holds to sale (they are already treated as free; this keeps the
 /// table honest for reports and for the next hold's scan).
 pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(state.config.hold_sweep_ms.max(100)));
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(state.config.hold_sweep_ms.max(100)));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

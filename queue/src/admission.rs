@@ -82,7 +82,9 @@ struct Led {
 
 pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
     let instance = Uuid::new_v4().simple().to_string();
-    let mut tick = tokio::time::interval(Duration::from_millis(state.config.admission_tick_ms.max(10)));
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        state.config.admission_tick_ms.max(10),
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut led: HashMap<EventId, Led> = HashMap::new();
     let mut events: Vec<SaleEvent> = Vec::new();
@@ -128,7 +130,10 @@ async fn admit_tick(
         .evalsha_with_reload(
             client,
             vec![keys.leader()],
-            vec![instance.to_owned(), state.config.leader_lease_ms.to_string()],
+            vec![
+                instance.to_owned(),
+                state.config.leader_lease_ms.to_string(),
+            ],
         )
         .await?;
     if leading != 1 {
@@ -197,9 +202,7 @@ async fn admit_tick(
         at_ms: Utc::now().timestamp_millis(),
     };
     let payload = serde_json::to_string(&snapshot)?;
-    let _: i64 = client
-        .publish(state.redis.state_channel(), payload)
-        .await?;
+    let _: i64 = client.publish(state.redis.state_channel(), payload).await?;
     Ok(())
 }
 

@@ -62,11 +62,7 @@ impl Hub {
     /// A receiver of `event`'s state, reading it from Redis first if no one here watched it.
     pub async fn watch(&self, event: EventId) -> watch::Receiver<QueueState> {
         let (receiver, fresh) = {
-            let mut events = self
-                .inner
-                .events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
             match events.get(&event) {
                 Some(sender) => (sender.subscribe(), false),
                 None => {
@@ -92,11 +88,7 @@ impl Hub {
         let Some(event) = EventId::new(state.event_id) else {
             return;
         };
-        let events = self
-            .inner
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(sender) = events.get(&event) {
             sender.send_if_modified(|current| {
                 // Never go back: an older read arriving late must not move anyone backwards.
@@ -121,11 +113,7 @@ impl Hub {
 
     /// Registers a socket for `ticket`; `None` if it already has `max` open.
     pub fn open_socket(&self, ticket: TicketId, max: usize) -> Option<SocketGuard> {
-        let mut sockets = self
-            .inner
-            .sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
         let count = sockets.entry(ticket).or_insert(0);
         if *count >= max {
             return None;
@@ -149,7 +137,9 @@ impl Hub {
         subscriber.init().await?;
         let _resubscribe = subscriber.manage_subscriptions();
         let mut messages = subscriber.message_rx();
-        subscriber.subscribe(self.inner.redis.state_channel()).await?;
+        subscriber
+            .subscribe(self.inner.redis.state_channel())
+            .await?;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -188,18 +178,16 @@ impl Hub {
                 _ = tick.tick() => {}
             }
             let watched: Vec<EventId> = {
-                let mut events = self
-                    .inner
-                    .events
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
                 events.retain(|_, sender| sender.receiver_count() > 0);
                 events.keys().copied().collect()
             };
             for event in watched {
                 match read_state(&self.inner.redis, &self.inner.pg, event).await {
                     Ok(state) => self.apply(state),
-                    Err(e) => tracing::warn!(event = %event, error = %e, "queue state refresh failed"),
+                    Err(e) => {
+                        tracing::warn!(event = %event, error = %e, "queue state refresh failed")
+                    }
                 }
             }
         }
@@ -231,11 +219,7 @@ impl Drop for SocketGuard {
 }
 
 /// Reads an event's queue counters from Redis (one MGET) and its settings from Postgres.
-pub async fn read_state(
-    redis: &Redis,
-    pg: &PgPool,
-    event: EventId,
-) -> anyhow::Result<QueueState> {
+pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::Result<QueueState> {
     let keys = redis.keys(event);
     let values: Vec<Option<i64>> = redis
         .client()

@@ -74,10 +74,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let listener = TcpListener::bind(state.config.bind).await?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "queue service listening");
-    running.spawn(hub.clone().run_subscriber(
-        state.config.common.clone(),
-        shutdown.clone(),
-    ));
+    running.spawn(
+        hub.clone()
+            .run_subscriber(state.config.common.clone(), shutdown.clone()),
+    );
     running.spawn(hub.run_refresher(state.config.refresh_ms, shutdown.clone()));
     running.spawn(admission::run(state, shutdown));
     Ok(running)

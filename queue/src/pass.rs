@@ -132,12 +132,14 @@ async fn claim(
         .verify_ticket(&request.ticket, event_id)
         .map_err(|e| e.into_api(TokenKind::Ticket))?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
-    let position = position_of(&state, event_id, ticket.tkt).await?.ok_or_else(|| {
-        ApiError::Conflict(
-            "not_in_queue_yet",
-            "this ticket has no queue position yet (the draw has not run)".into(),
-        )
-    })?;
+    let position = position_of(&state, event_id, ticket.tkt)
+        .await?
+        .ok_or_else(|| {
+            ApiError::Conflict(
+                "not_in_queue_yet",
+                "this ticket has no queue position yet (the draw has not run)".into(),
+            )
+        })?;
     let head: Option<i64> = state
         .redis
         .client()

@@ -141,7 +141,8 @@ async fn wait(
                 sink.send(close(1000, "admitted")).await?;
                 return Ok(());
             }
-            sink.send(text(&status(&event, &snapshot, position))?).await?;
+            sink.send(text(&status(&event, &snapshot, position))?)
+                .await?;
         }
         tokio::select! {
             _ = state.shutdown.cancelled() => {

@@ -44,7 +44,11 @@ pub struct CommonConfig {
     pub redis_pool_size: usize,
 
     /// Timeout of one Redis command, in milliseconds (a command still unanswered fails).
-    #[arg(long, env = "FAIRGATE_REDIS_COMMAND_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(
+        long,
+        env = "FAIRGATE_REDIS_COMMAND_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
     pub redis_command_timeout_ms: u64,
 
     /// Log format: human (default) or json.

@@ -44,8 +44,9 @@ fn uniform_below(rng: &mut impl RngCore, bound: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use proptest::prelude::*;
+    use super::{draw_order, uniform_below, Seed, Uuid};
+    use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
+    use rand_core::{RngCore, SeedableRng};
 
     fn ids(n: u128) -> Vec<Uuid> {
         (1..=n).map(Uuid::from_u128).collect()

@@ -38,7 +38,10 @@ pub enum ApiError {
     #[error("{1}")]
     Unavailable(&'static str, String),
     #[error("{message}")]
-    RateLimited { retry_after_secs: u64, message: String },
+    RateLimited {
+        retry_after_secs: u64,
+        message: String,
+    },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis error: {0}")]

@@ -98,9 +98,8 @@ impl Identity {
 
     pub fn new(raw: impl Into<String>) -> Option<Self> {
         let raw = raw.into();
-        let ok = !raw.is_empty()
-            && raw.len() <= Self::MAX_LEN
-            && raw.chars().all(|c| !c.is_control());
+        let ok =
+            !raw.is_empty() && raw.len() <= Self::MAX_LEN && raw.chars().all(|c| !c.is_control());
         ok.then_some(Identity(raw))
     }
 

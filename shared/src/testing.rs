@@ -37,7 +37,9 @@ impl TestEnv {
         let pool = crate::db::connect_url(&database_url, 2)
             .await
             .expect("connect to test database");
-        crate::db::migrate(&pool).await.expect("migrate test database");
+        crate::db::migrate(&pool)
+            .await
+            .expect("migrate test database");
         pool.close().await;
         TestEnv {
             admin_url,
@@ -85,7 +87,12 @@ impl TestEnv {
                     let mut cursor = "0".to_string();
                     loop {
                         let (next, keys): (String, Vec<String>) = match client
-                            .scan_page(cursor.clone(), format!("{}:*", self.redis_prefix), Some(500), None)
+                            .scan_page(
+                                cursor.clone(),
+                                format!("{}:*", self.redis_prefix),
+                                Some(500),
+                                None,
+                            )
                             .await
                         {
                             Ok(page) => page,

@@ -369,7 +369,10 @@ impl Verifier {
     }
 
     pub fn knows(&self, kid: &str) -> bool {
-        self.keys.read().map(|k| k.contains_key(kid)).unwrap_or(false)
+        self.keys
+            .read()
+            .map(|k| k.contains_key(kid))
+            .unwrap_or(false)
     }
 
     /// The `kid` of a token's header, without verifying anything (to decide on a key refresh).
@@ -481,9 +484,15 @@ mod tests {
         let evt = EventId::new(1).expect("positive");
 
         let expired = signer
-            .sign(TokenKind::Pass, &pass(&signer, 1, -(LEEWAY_SECS as i64) - 5))
+            .sign(
+                TokenKind::Pass,
+                &pass(&signer, 1, -(LEEWAY_SECS as i64) - 5),
+            )
             .expect("sign");
-        assert_eq!(verifier.verify_pass(&expired, evt), Err(TokenError::Expired));
+        assert_eq!(
+            verifier.verify_pass(&expired, evt),
+            Err(TokenError::Expired)
+        );
 
         let other_event = signer
             .sign(TokenKind::Pass, &pass(&signer, 2, 600))
@@ -507,7 +516,11 @@ mod tests {
         let mut tampered = good.clone();
         // Flip one character of the payload: the signature no longer matches.
         let dot = tampered.find('.').expect("jwt") + 5;
-        let flipped = if &tampered[dot..=dot] == "A" { "B" } else { "A" };
+        let flipped = if &tampered[dot..=dot] == "A" {
+            "B"
+        } else {
+            "A"
+        };
         tampered.replace_range(dot..=dot, flipped);
         assert!(matches!(
             verifier.verify_pass(&tampered, evt),

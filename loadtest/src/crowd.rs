@@ -1,0 +1,374 @@
+//! One simulated sale: create an event, let N fans arrive over the presale window, wait in the
+//! waiting room for their pass, pick seats (contending for the same ones), hold and pay; then
+//! check the invariants in Postgres and report latencies, fairness and outcomes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::IndexedRandom;
+use rand::Rng;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::client::{refused, Client, Endpoints, SaleSpec};
+
+#[derive(Clone, Debug)]
+pub struct CrowdConfig {
+    pub endpoints: Endpoints,
+    pub organizer_token: String,
+    pub database_url: Option<String>,
+    pub fans: usize,
+    pub seats: i64,
+    /// Seconds from event creation to the draw; fans arrive during the first 80% of it.
+    pub presale_secs: u64,
+    pub rate_per_minute: i64,
+    pub max_active: i64,
+    /// Each fan wants 1 to this many seats (and the pass allows this many).
+    pub seats_per_fan: i64,
+    /// Share of fans whose card is declined.
+    pub decline_share: f64,
+    /// Give up on a fan still waiting after this long.
+    pub fan_timeout: Duration,
+    pub progress: bool,
+}
+
+/// Latency percentiles of one step, in milliseconds.
+#[derive(Debug, Serialize, Clone)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub event_id: i64,
+    pub fans: usize,
+    pub seats: i64,
+    pub joined: usize,
+    pub admitted: usize,
+    pub bought: usize,
+    pub seats_sold: i64,
+    pub declined: usize,
+    pub sold_out: usize,
+    pub errors: usize,
+    pub error_samples: Vec<String>,
+    pub configured_rate_per_minute: i64,
+    pub achieved_rate_per_minute: f64,
+    pub wall_secs: f64,
+    pub latency_ms: BTreeMap<String, Percentiles>,
+    /// Spearman correlation of presale arrival order with queue position (≈ 0 when fair).
+    pub spearman_presale: Option<f64>,
+    pub draw_verified: bool,
+    pub invariants: BTreeMap<String, bool>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Default)]
+struct FanResult {
+    joined_at: Option<DateTime<Utc>>,
+    position: Option<i64>,
+    presale: bool,
+    admitted_at: Option<Instant>,
+    join_ms: Option<f64>,
+    wait_ms: Option<f64>,
+    hold_ms: Option<f64>,
+    checkout_ms: Option<f64>,
+    bought_seats: usize,
+    declined: bool,
+    sold_out: bool,
+    error: Option<String>,
+}
+
+pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
+    let client = Client::new(config.endpoints.clone())?;
+    let now = Utc::now();
+    let spec = SaleSpec {
+        name: format!("Crowd sale {}", now.format("%Y-%m-%d %H:%M:%S")),
+        seats: config.seats,
+        seats_per_row: 50,
+        price_cents: 4_500,
+        presale_opens_at: now - chrono::Duration::seconds(1),
+        sale_starts_at: now + chrono::Duration::seconds(config.presale_secs as i64),
+        sale_ends_at: now + chrono::Duration::hours(2),
+        rate_per_minute: config.rate_per_minute,
+        max_active: config.max_active,
+        seats_per_fan: config.seats_per_fan,
+    };
+    let event = client.create_event(&config.organizer_token, &spec).await?;
+    let started = Instant::now();
+    let bar = if config.progress {
+        let bar = ProgressBar::new(config.fans as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} fans done {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let arrival_window = Duration::from_millis(config.presale_secs * 800);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..config.fans {
+        let client = client.clone();
+        let config = config.clone();
+        let bar = bar.clone();
+        let delay = arrival_window.mul_f64(rand::rng().random::<f64>());
+        let declines = (i as f64) < config.decline_share * config.fans as f64;
+        tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut result = FanResult::default();
+            if let Err(e) = fan(&client, &config, event, declines, &mut result).await {
+                result.error = Some(format!("{e:#}"));
+            }
+            bar.inc(1);
+            result
+        });
+    }
+    let mut results = Vec::with_capacity(config.fans);
+    while let Some(r) = tasks.join_next().await {
+        results.push(r?);
+    }
+    bar.finish_and_clear();
+    let wall_secs = started.elapsed().as_secs_f64();
+    report(&client, &config, event, results, wall_secs).await
+}
+
+async fn fan(
+    client: &Client,
+    config: &CrowdConfig,
+    event: i64,
+    declines: bool,
+    result: &mut FanResult,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let joined = client.join(event, None).await?;
+    result.join_ms = Some(ms(t));
+    result.joined_at = Some(joined.joined_at);
+    result.presale = joined.status == "buffered";
+    let t = Instant::now();
+    let (pass, wait) = client
+        .wait_for_pass(event, &joined.ticket, config.fan_timeout)
+        .await?;
+    result.wait_ms = Some(ms(t));
+    result.admitted_at = Some(Instant::now());
+    result.position = wait.first_position.or(joined.position);
+
+    let wanted = rand::rng().random_range(1..=config.seats_per_fan.max(1)) as usize;
+    let mut hold = None;
+    for _attempt in 0..6 {
+        let seats = client.seats(event, &pass.pass).await?;
+        let free: Vec<i64> = seats
+            .iter()
+            .filter(|s| s.status == "available")
+            .map(|s| s.id)
+            .collect();
+        if free.is_empty() {
+            result.sold_out = true;
+            return Ok(());
+        }
+        let pick: Vec<i64> = free
+            .choose_multiple(&mut rand::rng(), wanted.min(free.len()))
+            .copied()
+            .collect();
+        let t = Instant::now();
+        match client.hold(event, &pass.pass, &pick).await {
+            Ok(h) => {
+                result.hold_ms = Some(ms(t));
+                hold = Some(h);
+                break;
+            }
+            Err(e) if refused(&e).is_some_and(|r| r.code == "seat_unavailable") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(hold) = hold else {
+        result.sold_out = true;
+        return Ok(());
+    };
+    let card = if declines {
+        "tok_chargeDeclined"
+    } else {
+        "tok_visa"
+    };
+    let key = Uuid::new_v4().to_string();
+    let t = Instant::now();
+    match client
+        .checkout(event, &pass.pass, hold.hold_id, &key, card)
+        .await
+    {
+        Ok(order) => {
+            result.checkout_ms = Some(ms(t));
+            result.bought_seats = order.tickets.len();
+        }
+        Err(e) if refused(&e).is_some_and(|r| r.status == 402) => result.declined = true,
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("static histogram bounds are valid");
+    for v in values {
+        let _ = h.record(((v * 1000.0) as u64).max(1));
+    }
+    let at = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Percentiles {
+        count: h.len(),
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        max: h.max() as f64 / 1000.0,
+    }
+}
+
+/// Spearman rank correlation of two equally long samples (no ties expected).
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    let n = x.len();
+    if n < 3 || n != y.len() {
+        return None;
+    }
+    let rank = |v: &[f64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0.0; v.len()];
+        for (rank, &i) in idx.iter().enumerate() {
+            r[i] = rank as f64;
+        }
+        r
+    };
+    let (rx, ry) = (rank(x), rank(y));
+    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
+    let n = n as f64;
+    Some(1.0 - 6.0 * d2 / (n * (n * n - 1.0)))
+}
+
+async fn report(
+    client: &Client,
+    config: &CrowdConfig,
+    event: i64,
+    results: Vec<FanResult>,
+    wall_secs: f64,
+) -> anyhow::Result<Report> {
+    let mut latency = BTreeMap::new();
+    latency.insert(
+        "join".into(),
+        percentiles(results.iter().filter_map(|r| r.join_ms)),
+    );
+    latency.insert(
+        "wait".into(),
+        percentiles(results.iter().filter_map(|r| r.wait_ms)),
+    );
+    latency.insert(
+        "hold".into(),
+        percentiles(results.iter().filter_map(|r| r.hold_ms)),
+    );
+    latency.insert(
+        "checkout".into(),
+        percentiles(results.iter().filter_map(|r| r.checkout_ms)),
+    );
+
+    let admitted: Vec<Instant> = results.iter().filter_map(|r| r.admitted_at).collect();
+    let achieved = match (admitted.iter().min(), admitted.iter().max()) {
+        (Some(first), Some(last)) if admitted.len() > 1 && last > first => {
+            (admitted.len() - 1) as f64 / last.duration_since(*first).as_secs_f64() * 60.0
+        }
+        _ => 0.0,
+    };
+
+    let mut presale: Vec<(DateTime<Utc>, i64)> = results
+        .iter()
+        .filter(|r| r.presale)
+        .filter_map(|r| Some((r.joined_at?, r.position?)))
+        .collect();
+    presale.sort();
+    let arrival: Vec<f64> = (0..presale.len()).map(|i| i as f64).collect();
+    let positions: Vec<f64> = presale.iter().map(|(_, p)| *p as f64).collect();
+    let spearman_presale = spearman(&arrival, &positions);
+
+    let draw_verified = verify_draw(client, event).await.unwrap_or(false);
+
+    let (mut invariants, seats_sold) = match &config.database_url {
+        Some(url) => {
+            let pg = shared::db::connect_url(url, 2).await?;
+            let inv = crate::invariants::check(&pg, event).await?;
+            let sold = crate::invariants::seats_sold(&pg, event).await?;
+            pg.close().await;
+            (inv, sold)
+        }
+        None => (
+            BTreeMap::new(),
+            results.iter().map(|r| r.bought_seats as i64).sum(),
+        ),
+    };
+    invariants.insert("draw_verified".into(), draw_verified);
+    let ok = invariants.values().all(|v| *v);
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.error.as_ref()).collect();
+    Ok(Report {
+        event_id: event,
+        fans: config.fans,
+        seats: config.seats,
+        joined: results.iter().filter(|r| r.join_ms.is_some()).count(),
+        admitted: admitted.len(),
+        bought: results.iter().filter(|r| r.bought_seats > 0).count(),
+        seats_sold,
+        declined: results.iter().filter(|r| r.declined).count(),
+        sold_out: results.iter().filter(|r| r.sold_out).count(),
+        errors: errors.len(),
+        error_samples: errors.iter().take(5).map(|e| (*e).clone()).collect(),
+        configured_rate_per_minute: config.rate_per_minute,
+        achieved_rate_per_minute: achieved,
+        wall_secs,
+        latency_ms: latency,
+        spearman_presale,
+        draw_verified,
+        invariants,
+        ok,
+    })
+}
+
+/// Recomputes the published draw from its seed and entrants and compares it with the
+/// published order.
+pub async fn verify_draw(client: &Client, event: i64) -> anyhow::Result<bool> {
+    let published = client.draw(event).await?;
+    if published["status"] != "drawn" {
+        return Ok(false);
+    }
+    let seed_hex = published["seed"].as_str().unwrap_or_default();
+    let seed = shared::ids::Seed::from_slice(&hex::decode(seed_hex)?)
+        .ok_or_else(|| anyhow::anyhow!("seed is not 32 bytes"))?;
+    let commitment = published["commitment"].as_str().unwrap_or_default();
+    if hex::encode(seed.commitment()) != commitment {
+        return Ok(false);
+    }
+    let order: Vec<Uuid> = serde_json::from_value(published["order"].clone())?;
+    let mut recomputed = order.clone();
+    shared::draw::draw_order(&seed, &mut recomputed);
+    Ok(recomputed == order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spearman_of_identical_and_reversed_ranks() {
+        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let rev = [5.0, 4.0, 3.0, 2.0, 1.0];
+        assert_eq!(spearman(&x, &x), Some(1.0));
+        assert_eq!(spearman(&x, &rev), Some(-1.0));
+        assert_eq!(spearman(&x[..2], &x[..2]), None);
+    }
+}

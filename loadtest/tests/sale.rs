@@ -1,0 +1,565 @@
+//! End to end through the three real services (HTTP and websocket) against real Postgres and
+//! Redis: an organizer creates an event, fans join in presale, the draw orders them, the queue
+//! admits them with signed passes, and they hold seats and check out.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use clap::Parser;
+use fairgate_loadtest::client::{refused, Client, Endpoints, SaleSpec};
+use fairgate_loadtest::crowd::verify_draw;
+use fairgate_loadtest::invariants;
+use serde_json::{json, Value};
+use shared::server::RunningApp;
+use shared::testing::TestEnv;
+use tokio_util::sync::CancellationToken;
+
+const ORGANIZER: &str = "test-organizer-token";
+
+struct Stack {
+    env: TestEnv,
+    apps: Vec<RunningApp>,
+    client: Client,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        shared::telemetry::init_tracing(shared::config::LogFormat::Human);
+        let env = TestEnv::new().await;
+        let key = hex::encode(shared::token::random_seed());
+        let shutdown = CancellationToken::new();
+
+        let mut buffer_config = buffer::Config::parse_from(["buffer"]);
+        buffer_config.bind = "127.0.0.1:0".parse().expect("addr");
+        buffer_config.signing_key = Some(key.clone());
+        buffer_config.draw_tick_ms = 100;
+        buffer_config.join_limit_per_ip = 0;
+        buffer_config.common = env.common_config();
+        let buffer = buffer::start(buffer_config, shutdown.clone())
+            .await
+            .expect("buffer starts");
+
+        let mut queue_config = queue::Config::parse_from(["queue"]);
+        queue_config.bind = "127.0.0.1:0".parse().expect("addr");
+        queue_config.signing_key = Some(key);
+        queue_config.admission_tick_ms = 50;
+        queue_config.refresh_ms = 200;
+        queue_config.common = env.common_config();
+        let queue = queue::start(queue_config, shutdown.clone())
+            .await
+            .expect("queue starts");
+
+        let mut purchase_config = purchase::Config::parse_from(["purchase"]);
+        purchase_config.bind = "127.0.0.1:0".parse().expect("addr");
+        purchase_config.jwks_url = format!("{}/.well-known/jwks.json", queue.url());
+        purchase_config.organizer_token = Some(ORGANIZER.into());
+        purchase_config.common = env.common_config();
+        let purchase = purchase::start(purchase_config, shutdown.clone())
+            .await
+            .expect("purchase starts");
+
+        let client = Client::new(Endpoints {
+            buffer: buffer.url(),
+            queue: queue.url(),
+            purchase: purchase.url(),
+        })
+        .expect("client");
+        Stack {
+            env,
+            apps: vec![buffer, queue, purchase],
+            client,
+        }
+    }
+
+    /// An event whose presale is open and whose draw is `draw_in` from now.
+    async fn event(&self, seats: i64, draw_in: chrono::Duration) -> i64 {
+        let now = Utc::now();
+        self.client
+            .create_event(
+                ORGANIZER,
+                &SaleSpec {
+                    name: "Skeleton Live".into(),
+                    seats,
+                    seats_per_row: 10,
+                    price_cents: 5_000,
+                    presale_opens_at: now - chrono::Duration::seconds(1),
+                    sale_starts_at: now + draw_in,
+                    sale_ends_at: now + chrono::Duration::hours(1),
+                    rate_per_minute: 6_000,
+                    max_active: 1_000,
+                    seats_per_fan: 2,
+                },
+            )
+            .await
+            .expect("event created")
+    }
+
+    async fn stop(self) {
+        for app in self.apps {
+            app.stop().await.expect("clean shutdown");
+        }
+        self.env.cleanup().await;
+    }
+}
+
+fn status_of(e: &anyhow::Error) -> (u16, String) {
+    let r = refused(e).unwrap_or_else(|| panic!("expected a refusal, got {e:#}"));
+    (r.status, r.code.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_sale_walks_from_join_to_order() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack.event(20, chrono::Duration::seconds(3)).await;
+
+    // Presale: five fans join and are buffered, not yet placed.
+    let mut fans = Vec::new();
+    for _ in 0..5 {
+        let joined = c.join(event, None).await.expect("join");
+        assert_eq!(joined.status, "buffered");
+        assert_eq!(joined.position, None);
+        assert!(!joined.resumed);
+        fans.push(joined);
+    }
+    // The same ticket joining again (a second tab) gets the same place, not a second one.
+    let again = c.join(event, Some(&fans[0].ticket)).await.expect("rejoin");
+    assert_eq!(again.ticket_id, fans[0].ticket_id);
+    assert!(again.resumed);
+
+    // Every fan waits on the websocket; the draw places them and the queue admits them.
+    let waits = futures::future::join_all(
+        fans.iter()
+            .map(|f| c.wait_for_pass(event, &f.ticket, Duration::from_secs(30))),
+    )
+    .await;
+    let mut passes = Vec::new();
+    let mut positions = Vec::new();
+    for wait in waits {
+        let (pass, seen) = wait.expect("a pass over the websocket");
+        assert!(
+            seen.statuses
+                .iter()
+                .any(|s| s["phase"] == "waiting_for_draw" || s["phase"] == "queued"),
+            "the waiting room showed a status before the pass: {:?}",
+            seen.statuses
+        );
+        positions.extend(seen.first_position);
+        passes.push(pass);
+    }
+    positions.sort_unstable();
+    positions.dedup();
+    assert!(
+        positions.iter().all(|p| (1..=5).contains(p)),
+        "{positions:?}"
+    );
+
+    // The published draw recomputes from its seed to the same order.
+    assert!(verify_draw(c, event).await.expect("draw published"));
+    let draw = c.draw(event).await.expect("draw");
+    assert_eq!(draw["entrants"], 5);
+
+    // A fan arriving after the draw goes to the back, in arrival order.
+    let late = c.join(event, None).await.expect("late join");
+    assert_eq!((late.status.as_str(), late.position), ("queued", Some(6)));
+
+    // The first fan holds two seats and checks out.
+    let pass = &passes[0].pass;
+    let seats = c.seats(event, pass).await.expect("seat map");
+    assert_eq!(seats.len(), 20);
+    let hold = c
+        .hold(event, pass, &[seats[0].id, seats[1].id])
+        .await
+        .expect("hold");
+    let order = c
+        .checkout(event, pass, hold.hold_id, "key-1", "tok_visa")
+        .await
+        .expect("checkout");
+    assert_eq!(order.tickets.len(), 2);
+    assert_eq!(order.total_cents, 10_000);
+    // A retry with the same key answers the same order and charges nothing more.
+    let retry = c
+        .checkout(event, pass, hold.hold_id, "key-1", "tok_visa")
+        .await
+        .expect("replayed checkout");
+    assert_eq!(retry.order_id, order.order_id);
+
+    // Another fan cannot hold a sold seat.
+    let taken = c
+        .hold(event, &passes[1].pass, &[seats[0].id])
+        .await
+        .expect_err("sold seat");
+    assert_eq!(status_of(&taken), (409, "seat_unavailable".into()));
+
+    // No pass, or a tampered one: 401.
+    let purchase = &c.endpoints.purchase;
+    let bare = c
+        .http
+        .get(format!("{purchase}/api/v1/events/{event}/seats"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(bare.status(), 401);
+    let body: Value = bare.json().await.expect("json error");
+    assert_eq!(body["error"], "pass_missing");
+    let mut tampered = passes[1].pass.clone();
+    let i = tampered.find('.').expect("jwt") + 10;
+    let c2 = if &tampered[i..=i] == "x" { "y" } else { "x" };
+    tampered.replace_range(i..=i, c2);
+    let forged = c
+        .hold(event, &tampered, &[seats[5].id])
+        .await
+        .expect_err("tampered");
+    assert_eq!(status_of(&forged).0, 401);
+    // A ticket is not a pass.
+    let wrong_kind = c
+        .hold(event, &fans[1].ticket, &[seats[5].id])
+        .await
+        .expect_err("ticket");
+    assert_eq!(status_of(&wrong_kind), (401, "pass_wrong_type".into()));
+
+    // The order is in Postgres, and every invariant holds.
+    let pg = stack.env.pool().await;
+    let (orders, sold): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders WHERE event_id = $1),
+                (SELECT count(*) FROM seats WHERE event_id = $1 AND status = 'sold')",
+    )
+    .bind(event)
+    .fetch_one(&pg)
+    .await
+    .expect("query");
+    assert_eq!((orders, sold), (1, 2));
+    let checks = invariants::check(&pg, event).await.expect("invariants");
+    assert!(checks.values().all(|v| *v), "{checks:?}");
+    pg.close().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_buyers_never_oversell() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack.event(4, chrono::Duration::seconds(2)).await;
+    let fans = futures::future::join_all((0..30).map(|_| c.join(event, None))).await;
+    let fans: Vec<_> = fans.into_iter().map(|f| f.expect("join")).collect();
+    let passes = futures::future::join_all(
+        fans.iter()
+            .map(|f| c.wait_for_pass(event, &f.ticket, Duration::from_secs(30))),
+    )
+    .await;
+    let passes: Vec<String> = passes
+        .into_iter()
+        .map(|p| p.expect("pass").0.pass)
+        .collect();
+    let seats = c.seats(event, &passes[0]).await.expect("seats");
+    let wanted = [seats[1].id, seats[2].id];
+
+    // Thirty fans grab the same two seats at once: exactly one hold wins.
+    let holds = futures::future::join_all(passes.iter().map(|p| c.hold(event, p, &wanted))).await;
+    let winners: Vec<_> = holds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| h.as_ref().ok().map(|h| (i, h.hold_id)))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one hold of the same seats");
+    for h in holds.iter().filter_map(|h| h.as_ref().err()) {
+        assert_eq!(status_of(h), (409, "seat_unavailable".into()));
+    }
+
+    // The winner checks out ten times at once with one key and five more with fresh keys:
+    // one order, one charge.
+    let (i, hold_id) = winners[0];
+    let pass = &passes[i];
+    let attempts = futures::future::join_all((0..15).map(|n| {
+        let key = if n < 10 {
+            "same-key".to_string()
+        } else {
+            format!("key-{n}")
+        };
+        async move { c.checkout(event, pass, hold_id, &key, "tok_visa").await }
+    }))
+    .await;
+    let orders: std::collections::HashSet<_> = attempts
+        .iter()
+        .filter_map(|a| a.as_ref().ok().map(|o| o.order_id))
+        .collect();
+    assert_eq!(orders.len(), 1, "one pass buys once: {attempts:?}");
+    for e in attempts.iter().filter_map(|a| a.as_ref().err()) {
+        let (status, code) = status_of(e);
+        assert!(
+            status == 409
+                && ["checkout_in_progress", "pass_used", "hold_not_active"]
+                    .contains(&code.as_str()),
+            "unexpected refusal {status} {code}"
+        );
+    }
+
+    let pg = stack.env.pool().await;
+    let checks = invariants::check(&pg, event).await.expect("invariants");
+    assert!(checks.values().all(|v| *v), "{checks:?}");
+    let charged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments WHERE status = 'succeeded'")
+            .fetch_one(&pg)
+            .await
+            .expect("payments");
+    assert_eq!(charged, 1, "one charge for one order");
+    pg.close().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let http = &c.http;
+    let (buffer, queue, purchase) = (
+        c.endpoints.buffer.clone(),
+        c.endpoints.queue.clone(),
+        c.endpoints.purchase.clone(),
+    );
+    let event = stack.event(10, chrono::Duration::seconds(60)).await;
+
+    async fn expect(response: reqwest::Response, status: u16, code: &str) {
+        assert_eq!(response.status().as_u16(), status, "status for {code}");
+        let body: Value = response.json().await.expect("a JSON error body");
+        assert_eq!(body["error"], code, "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // Buffer.
+    let join = format!("{buffer}/api/v1/events/{event}/join");
+    expect(
+        http.post(&join)
+            .header("content-type", "application/json")
+            .body("{nope")
+            .send()
+            .await
+            .expect("req"),
+        400,
+        "malformed_json",
+    )
+    .await;
+    expect(
+        http.post(&join)
+            .json(&json!({ "ticket": 5 }))
+            .send()
+            .await
+            .expect("req"),
+        422,
+        "invalid_body",
+    )
+    .await;
+    expect(
+        http.post(&join)
+            .json(&json!({ "ticket": "not.a.jwt" }))
+            .send()
+            .await
+            .expect("req"),
+        401,
+        "ticket_malformed",
+    )
+    .await;
+    expect(
+        http.post(&join)
+            .body(vec![b' '; 70 * 1024])
+            .send()
+            .await
+            .expect("req"),
+        413,
+        "body_too_large",
+    )
+    .await;
+    expect(
+        http.post(format!("{buffer}/api/v1/events/999999/join"))
+            .send()
+            .await
+            .expect("req"),
+        404,
+        "event_not_found",
+    )
+    .await;
+    expect(
+        http.post(format!("{buffer}/api/v1/events/abc/join"))
+            .send()
+            .await
+            .expect("req"),
+        400,
+        "bad_path",
+    )
+    .await;
+    expect(
+        http.get(&join).send().await.expect("req"),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    expect(
+        http.get(format!("{buffer}/nope"))
+            .send()
+            .await
+            .expect("req"),
+        404,
+        "not_found",
+    )
+    .await;
+
+    // A presale that has not opened yet: 425 with the opening time.
+    let now = Utc::now();
+    let later = c
+        .create_event(
+            ORGANIZER,
+            &SaleSpec {
+                name: "Later".into(),
+                seats: 5,
+                seats_per_row: 5,
+                price_cents: 100,
+                presale_opens_at: now + chrono::Duration::hours(1),
+                sale_starts_at: now + chrono::Duration::hours(2),
+                sale_ends_at: now + chrono::Duration::hours(3),
+                rate_per_minute: 60,
+                max_active: 10,
+                seats_per_fan: 1,
+            },
+        )
+        .await
+        .expect("event");
+    let early = c.join(later, None).await.expect_err("too early");
+    assert_eq!(status_of(&early), (425, "presale_not_open".into()));
+
+    // Queue: a websocket without a valid ticket, a claim before the draw, a foreign origin.
+    let joined = c.join(event, None).await.expect("join");
+    expect(
+        http.get(format!("{queue}/api/v1/events/{event}/ws?ticket=forged"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await
+            .expect("req"),
+        401,
+        "ticket_malformed",
+    )
+    .await;
+    expect(
+        http.get(format!(
+            "{queue}/api/v1/events/{event}/ws?ticket={}",
+            joined.ticket
+        ))
+        .header("origin", "https://evil.example")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("req"),
+        403,
+        "origin_not_allowed",
+    )
+    .await;
+    expect(
+        http.post(format!("{queue}/api/v1/events/{event}/pass"))
+            .json(&json!({ "ticket": joined.ticket }))
+            .send()
+            .await
+            .expect("req"),
+        409,
+        "not_in_queue_yet",
+    )
+    .await;
+    expect(
+        http.post(format!("{queue}/api/v1/events/{later}/pass"))
+            .json(&json!({ "ticket": joined.ticket }))
+            .send()
+            .await
+            .expect("req"),
+        403,
+        "ticket_wrong_event",
+    )
+    .await;
+
+    // Purchase: organizer API without or with a wrong token, an invalid window.
+    let create = format!("{purchase}/api/v1/organizer/events");
+    let body = json!({
+        "name": "Bad window", "starts_at": now + chrono::Duration::days(3),
+        "sale": {
+            "presale_opens_at": now + chrono::Duration::hours(2),
+            "sale_starts_at": now + chrono::Duration::hours(1),
+            "sale_ends_at": now + chrono::Duration::hours(3),
+            "rate_per_minute": 60, "max_active": 10
+        },
+        "seat_map": { "sections": [{ "name": "A", "rows": 1, "seats_per_row": 1, "price_cents": 1 }] }
+    });
+    expect(
+        http.post(&create).json(&body).send().await.expect("req"),
+        401,
+        "credentials_missing",
+    )
+    .await;
+    expect(
+        http.post(&create)
+            .bearer_auth("wrong")
+            .json(&body)
+            .send()
+            .await
+            .expect("req"),
+        401,
+        "credentials_invalid",
+    )
+    .await;
+    let refused_window = http
+        .post(&create)
+        .bearer_auth(ORGANIZER)
+        .json(&body)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(refused_window.status(), 422);
+    let err: Value = refused_window.json().await.expect("json");
+    assert!(
+        err["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("sale.presale_opens_at")),
+        "{err}"
+    );
+
+    // Nothing above changed anything: one join (the valid one), two events.
+    let pg = stack.env.pool().await;
+    let (joins, events): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM joins), (SELECT count(*) FROM events)")
+            .fetch_one(&pg)
+            .await
+            .expect("counts");
+    assert_eq!((joins, events), (1, 2));
+    pg.close().await;
+
+    // Operational endpoints.
+    for base in [&buffer, &queue, &purchase] {
+        assert_eq!(
+            http.get(format!("{base}/healthz"))
+                .send()
+                .await
+                .expect("req")
+                .status(),
+            200
+        );
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("req");
+        assert!(metrics
+            .text()
+            .await
+            .expect("text")
+            .contains("http_requests_total"));
+    }
+    stack.stop().await;
+}
