@@ -69,6 +69,9 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// After the sale, join one more fan and print the link to their waiting page.
+    #[arg(long)]
+    spectator: bool,
 }
 
 #[tokio::main]
@@ -101,8 +104,17 @@ async fn main() -> anyhow::Result<()> {
         fan_timeout: Duration::from_secs(args.fan_timeout_secs),
         progress: !args.quiet,
     };
+    let endpoints = config.endpoints.clone();
     let report = crowd::run(config).await?;
     print_summary(&report);
+    if args.spectator {
+        let client = fairgate_loadtest::client::Client::new(endpoints.clone())?;
+        let joined = client.join(report.event_id, None).await?;
+        println!(
+            "your own place in the line: {}/e/{}?ticket={}",
+            endpoints.queue, report.event_id, joined.ticket
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
         println!("figures written to {}", path.display());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
-use axum::response::Response;
+use axum::response::{Html, Response};
 use axum::routing::get;
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -31,7 +31,16 @@ const WS_BUFFER: usize = 4 * 1024;
 const WS_MAX_MESSAGE: usize = 4 * 1024;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/events/{id}/ws", get(upgrade))
+    Router::new()
+        .route("/api/v1/events/{id}/ws", get(upgrade))
+        .route("/e/{id}", get(waiting_page))
+}
+
+/// The waiting page: plain HTML, CSS and JS in one file, no external assets.
+async fn waiting_page(Path(id): Path<i64>) -> Result<Html<&'static str>, ApiError> {
+    EventId::new(id)
+        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    Ok(Html(include_str!("waiting.html")))
 }
 
 #[derive(Deserialize)]

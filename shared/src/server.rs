@@ -92,7 +92,17 @@ pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router 
             config.max_concurrent_requests,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+}
+
+/// The request span: method and path only. Query strings are left out because the waiting
+/// room's websocket URL carries the fan's ticket, and secrets never go to the logs.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+    )
 }
 
 async fn not_found() -> ApiError {

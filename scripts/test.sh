@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs fairgate's whole test suite against real Postgres and Redis (reused if running,
+# otherwise started privately for the run; see scripts/lib/infra.sh).
+set -euo pipefail
+source "$(dirname "$0")/lib/infra.sh"
+cd "$FG_ROOT"
+fg_infra_up
+
+# Databases left by tests that crashed in an earlier run.
+leftovers=$(psql "$FAIRGATE_TEST_DATABASE_URL" -Atqc \
+  "SELECT datname FROM pg_database WHERE datname LIKE 'fgtest\_%'")
+for db in $leftovers; do
+  psql "$FAIRGATE_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+done
+
+fg_say "running the test suite"
+cargo test --workspace --all-targets "$@"
