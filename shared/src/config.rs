@@ -19,6 +19,7 @@ pub struct CommonConfig {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
     )]
     pub database_url: String,
@@ -32,7 +33,12 @@ pub struct CommonConfig {
     pub migrate: bool,
 
     /// Redis connection URL (the live queue).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
 
     /// Prefix of every Redis key and channel, so several deployments or test runs share a Redis.
