@@ -154,6 +154,23 @@ async fn a_whole_sale_walks_from_join_to_order() {
         "{positions:?}"
     );
 
+    // Claiming over HTTP (a fan who went offline) yields the very same pass, not a second one.
+    let claimed: Value = c
+        .http
+        .post(format!("{}/api/v1/events/{event}/pass", c.endpoints.queue))
+        .json(&json!({ "ticket": fans[0].ticket }))
+        .send()
+        .await
+        .expect("claim")
+        .json()
+        .await
+        .expect("json");
+    let ws_pass = passes
+        .iter()
+        .find(|p| claimed["jti"] == p.jti.to_string())
+        .expect("the claimed pass is the one the websocket delivered");
+    assert_eq!(claimed["pass"], ws_pass.pass);
+
     // The published draw recomputes from its seed to the same order.
     assert!(verify_draw(c, event).await.expect("draw published"));
     let draw = c.draw(event).await.expect("draw");
@@ -562,4 +579,145 @@ async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
             .contains("http_requests_total"));
     }
     stack.stop().await;
+}
+
+async fn passes_issued(pg: &sqlx::PgPool, event: i64) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM passes WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(pg)
+        .await
+        .expect("passes")
+}
+
+async fn eventually_count(pg: &sqlx::PgPool, event: i64, want: i64) {
+    for _ in 0..400 {
+        if passes_issued(pg, event).await >= want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never reached {want} passes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cap_on_active_shoppers_is_never_exceeded() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let now = Utc::now();
+    let event = c
+        .create_event(
+            ORGANIZER,
+            &SaleSpec {
+                name: "Capped".into(),
+                seats: 10,
+                seats_per_row: 10,
+                price_cents: 100,
+                presale_opens_at: now - chrono::Duration::seconds(1),
+                sale_starts_at: now + chrono::Duration::seconds(1),
+                sale_ends_at: now + chrono::Duration::hours(1),
+                rate_per_minute: 60_000,
+                max_active: 2,
+                seats_per_fan: 1,
+            },
+        )
+        .await
+        .expect("event");
+    let fans: Vec<_> = futures::future::join_all((0..5).map(|_| c.join(event, None)))
+        .await
+        .into_iter()
+        .map(|f| f.expect("join"))
+        .collect();
+    let mut waiting = tokio::task::JoinSet::new();
+    for fan in &fans {
+        let c = c.clone();
+        let ticket = fan.ticket.clone();
+        waiting.spawn(async move {
+            c.wait_for_pass(event, &ticket, Duration::from_secs(60))
+                .await
+        });
+    }
+
+    let pg = stack.env.pool().await;
+    eventually_count(&pg, event, 2).await;
+    // At 1,000 admissions a second, 40 admission ticks pass here: the cap must hold them all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        passes_issued(&pg, event).await,
+        2,
+        "cap of 2 active shoppers exceeded"
+    );
+    let admitted: Vec<i64> = sqlx::query_scalar(
+        "SELECT j.position FROM passes p JOIN joins j ON j.ticket_id = p.ticket_id
+         WHERE p.event_id = $1 ORDER BY j.position",
+    )
+    .bind(event)
+    .fetch_all(&pg)
+    .await
+    .expect("positions");
+    assert_eq!(
+        admitted,
+        vec![1, 2],
+        "the first two in line were admitted first"
+    );
+
+    // One of them buys: exactly one more fan is let in.
+    let (pass, _) = waiting
+        .join_next()
+        .await
+        .expect("a waiter")
+        .expect("task")
+        .expect("pass");
+    let seats = c.seats(event, &pass.pass).await.expect("seats");
+    let hold = c
+        .hold(event, &pass.pass, &[seats[0].id])
+        .await
+        .expect("hold");
+    c.checkout(event, &pass.pass, hold.hold_id, "k", "tok_visa")
+        .await
+        .expect("checkout");
+    eventually_count(&pg, event, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        passes_issued(&pg, event).await,
+        3,
+        "one finished shopper frees one slot"
+    );
+    waiting.abort_all();
+    pg.close().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_closes_waiting_room_sockets_with_a_close_frame() {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack.event(5, chrono::Duration::seconds(600)).await;
+    let fan = c.join(event, None).await.expect("join");
+    let url = format!(
+        "{}/api/v1/events/{event}/ws?ticket={}",
+        c.endpoints.queue.replacen("http", "ws", 1),
+        fan.ticket
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("websocket");
+    let first = socket.next().await.expect("a message").expect("ok");
+    let status: Value = serde_json::from_str(first.to_text().expect("text")).expect("json");
+    assert_eq!(status["phase"], "waiting_for_draw");
+
+    let stopping = tokio::spawn(stack.stop());
+    let mut close = None;
+    while let Some(message) = socket.next().await {
+        if let Ok(Message::Close(frame)) = message {
+            close = frame;
+            break;
+        }
+    }
+    let frame = close.expect("a close frame before the socket ended");
+    assert_eq!(frame.code, CloseCode::Away);
+    stopping.await.expect("stack stopped");
 }
