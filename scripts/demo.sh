@@ -81,4 +81,4 @@ The services are running:
 MSG
 if [ "$EXIT_AFTER_SALE" = 1 ]; then exit 0; fi
 fg_say "press Ctrl-C to stop everything this demo started"
-while true; do sleep 3600; done
+while true; do sleep 3600 & wait $!; done

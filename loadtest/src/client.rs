@@ -106,25 +106,64 @@ pub struct SaleSpec {
 }
 
 impl SaleSpec {
-    /// Rows of `seats_per_row` seats in sections of at most 1000 rows; the last row may be
-    /// shorter only if `seats` is not a multiple (then it is rounded up to a full row).
-    fn seat_map(&self) -> Value {
+    /// Exactly `seats` seats: sections of up to 1000 full rows of `seats_per_row`, and one
+    /// last one-row section with the remainder.
+    pub fn seat_map(&self) -> Value {
         let per_row = self.seats_per_row.clamp(1, 1000);
-        let mut rows_left = (self.seats + per_row - 1) / per_row;
+        let mut full_rows = self.seats / per_row;
+        let remainder = self.seats % per_row;
         let mut sections = Vec::new();
-        let mut n = 0;
-        while rows_left > 0 {
-            let rows = rows_left.min(1000);
-            sections.push(json!({
-                "name": format!("S{}", n + 1),
+        let section = |n: usize, rows: i64, per_row: i64| {
+            json!({
+                "name": format!("S{n}"),
                 "rows": rows,
                 "seats_per_row": per_row,
                 "price_cents": self.price_cents,
-            }));
-            rows_left -= rows;
-            n += 1;
+            })
+        };
+        while full_rows > 0 {
+            let rows = full_rows.min(1000);
+            sections.push(section(sections.len() + 1, rows, per_row));
+            full_rows -= rows;
+        }
+        if remainder > 0 {
+            sections.push(section(sections.len() + 1, 1, remainder));
         }
         json!({ "sections": sections })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn total(map: &Value) -> i64 {
+        map["sections"]
+            .as_array()
+            .expect("sections")
+            .iter()
+            .map(|s| s["rows"].as_i64().unwrap_or(0) * s["seats_per_row"].as_i64().unwrap_or(0))
+            .sum()
+    }
+
+    #[test]
+    fn the_seat_map_has_exactly_the_seats_asked_for() {
+        let now = Utc::now();
+        for seats in [1, 40, 50, 51, 999, 100_000, 123_457] {
+            let spec = SaleSpec {
+                name: "x".into(),
+                seats,
+                seats_per_row: 50,
+                price_cents: 1,
+                presale_opens_at: now,
+                sale_starts_at: now,
+                sale_ends_at: now,
+                rate_per_minute: 1,
+                max_active: 1,
+                seats_per_fan: 1,
+            };
+            assert_eq!(total(&spec.seat_map()), seats);
+        }
     }
 }
 

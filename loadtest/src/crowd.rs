@@ -300,16 +300,18 @@ async fn report(
 
     let draw_verified = verify_draw(client, event).await.unwrap_or(false);
 
-    let (mut invariants, seats_sold) = match &config.database_url {
+    let (mut invariants, seats, seats_sold) = match &config.database_url {
         Some(url) => {
             let pg = shared::db::connect_url(url, 2).await?;
             let inv = crate::invariants::check(&pg, event).await?;
+            let seats = crate::invariants::capacity(&pg, event).await?;
             let sold = crate::invariants::seats_sold(&pg, event).await?;
             pg.close().await;
-            (inv, sold)
+            (inv, seats, sold)
         }
         None => (
             BTreeMap::new(),
+            config.seats,
             results.iter().map(|r| r.bought_seats as i64).sum(),
         ),
     };
@@ -319,7 +321,7 @@ async fn report(
     Ok(Report {
         event_id: event,
         fans: config.fans,
-        seats: config.seats,
+        seats,
         joined: results.iter().filter(|r| r.join_ms.is_some()).count(),
         admitted: admitted.len(),
         bought: results.iter().filter(|r| r.bought_seats > 0).count(),

@@ -80,6 +80,16 @@ pub async fn check(pg: &PgPool, event: i64) -> anyhow::Result<BTreeMap<String, b
     Ok(results)
 }
 
+/// Seats the event has, from Postgres.
+pub async fn capacity(pg: &PgPool, event: i64) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM seats WHERE event_id = $1")
+            .bind(event)
+            .fetch_one(pg)
+            .await?,
+    )
+}
+
 /// Seats sold for the event, from Postgres.
 pub async fn seats_sold(pg: &PgPool, event: i64) -> anyhow::Result<i64> {
     Ok(

@@ -43,6 +43,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_MAX_SOCKETS_PER_TICKET", default_value_t = 4)]
     pub max_sockets_per_ticket: usize,
 
+    /// Most open websockets on this instance (each is a file descriptor; the process limit here
+    /// is 20,000): more are refused with 503 so a balancer or retry finds another instance.
+    #[arg(long, env = "FAIRGATE_MAX_WEBSOCKETS", default_value_t = 19_000)]
+    pub max_websockets: usize,
+
     /// Websocket keep-alive ping interval, in seconds.
     #[arg(long, env = "FAIRGATE_WS_PING_SECS", default_value_t = 20)]
     pub ws_ping_secs: u64,

@@ -44,7 +44,22 @@ struct HubInner {
     redis: Redis,
     pg: PgPool,
     events: Mutex<HashMap<EventId, watch::Sender<QueueState>>>,
-    sockets: Mutex<HashMap<TicketId, usize>>,
+    sockets: Mutex<Sockets>,
+}
+
+#[derive(Default)]
+struct Sockets {
+    total: usize,
+    per_ticket: HashMap<TicketId, usize>,
+}
+
+/// Why a websocket was not opened.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SocketRefused {
+    /// This ticket has its maximum of open sockets (tabs).
+    TicketFull,
+    /// This instance holds its maximum of sockets (bounded by the open-files limit).
+    InstanceFull,
 }
 
 impl Hub {
@@ -111,16 +126,26 @@ impl Hub {
         }
     }
 
-    /// Registers a socket for `ticket`; `None` if it already has `max` open.
-    pub fn open_socket(&self, ticket: TicketId, max: usize) -> Option<SocketGuard> {
+    /// Registers a socket for `ticket`, within `per_ticket` sockets for it and `total` for this
+    /// instance.
+    pub fn open_socket(
+        &self,
+        ticket: TicketId,
+        per_ticket: usize,
+        total: usize,
+    ) -> Result<SocketGuard, SocketRefused> {
         let mut sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
-        let count = sockets.entry(ticket).or_insert(0);
-        if *count >= max {
-            return None;
+        if sockets.total >= total {
+            return Err(SocketRefused::InstanceFull);
+        }
+        let count = sockets.per_ticket.entry(ticket).or_insert(0);
+        if *count >= per_ticket {
+            return Err(SocketRefused::TicketFull);
         }
         *count += 1;
+        sockets.total += 1;
         metrics::gauge!("queue_websockets_open").increment(1.0);
-        Some(SocketGuard {
+        Ok(SocketGuard {
             hub: self.clone(),
             ticket,
         })
@@ -208,10 +233,11 @@ impl Drop for SocketGuard {
             .sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = sockets.get_mut(&self.ticket) {
+        sockets.total = sockets.total.saturating_sub(1);
+        if let Some(count) = sockets.per_ticket.get_mut(&self.ticket) {
             *count -= 1;
             if *count == 0 {
-                sockets.remove(&self.ticket);
+                sockets.per_ticket.remove(&self.ticket);
             }
         }
         metrics::gauge!("queue_websockets_open").decrement(1.0);
@@ -239,4 +265,40 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
         max_active: i64::from(settings.max_active),
         at_ms: Utc::now().timestamp_millis(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        // The socket registry needs no live connection; a lazily connecting pool is enough.
+        let pg = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://unused@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let redis = Redis::lazy_for_tests();
+        Hub::new(redis, pg)
+    }
+
+    #[tokio::test]
+    async fn socket_caps_per_ticket_and_per_instance_hold_and_free() {
+        let hub = hub();
+        let (a, b) = (TicketId::random(), TicketId::random());
+        let a1 = hub.open_socket(a, 2, 3).expect("first");
+        let _a2 = hub.open_socket(a, 2, 3).expect("second");
+        assert_eq!(
+            hub.open_socket(a, 2, 3).err(),
+            Some(SocketRefused::TicketFull)
+        );
+        let _b1 = hub.open_socket(b, 2, 3).expect("b");
+        assert_eq!(
+            hub.open_socket(b, 2, 3).err(),
+            Some(SocketRefused::InstanceFull)
+        );
+        drop(a1);
+        assert!(
+            hub.open_socket(b, 2, 3).is_ok(),
+            "a closed socket frees its place"
+        );
+    }
 }

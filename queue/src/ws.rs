@@ -21,7 +21,7 @@ use shared::token::{TicketClaims, TokenKind};
 use shared::ApiError;
 use tracing::instrument;
 
-use crate::hub::{QueueState, SocketGuard};
+use crate::hub::{QueueState, SocketGuard, SocketRefused};
 use crate::pass::{self, IssuedPass};
 use crate::AppState;
 
@@ -86,10 +86,20 @@ async fn upgrade(
     let event = SaleEvent::load(&state.pg, event_id).await?;
     let guard = state
         .hub
-        .open_socket(ticket.tkt, state.config.max_sockets_per_ticket)
-        .ok_or_else(|| ApiError::RateLimited {
-            retry_after_secs: 5,
-            message: "too many open waiting-room connections for this ticket".into(),
+        .open_socket(
+            ticket.tkt,
+            state.config.max_sockets_per_ticket,
+            state.config.max_websockets,
+        )
+        .map_err(|refused| match refused {
+            SocketRefused::TicketFull => ApiError::RateLimited {
+                retry_after_secs: 5,
+                message: "too many open waiting-room connections for this ticket".into(),
+            },
+            SocketRefused::InstanceFull => ApiError::Unavailable(
+                "waiting_room_full",
+                "this waiting-room server is full; retry (another instance may take you)".into(),
+            ),
         })?;
     Ok(upgrade
         .read_buffer_size(WS_BUFFER)

@@ -32,6 +32,17 @@ impl Redis {
         })
     }
 
+    /// A pool that has not connected (for unit tests of code that only holds a handle).
+    pub fn lazy_for_tests() -> Self {
+        let pool = Builder::default_centralized()
+            .build_pool(1)
+            .expect("a default pool builds without connecting");
+        Redis {
+            pool,
+            prefix: "test".into(),
+        }
+    }
+
     /// One connection of the pool (round-robin).
     pub fn client(&self) -> &Client {
         self.pool.next()
