@@ -1,10 +1,9 @@
 //! The buffer service's configuration: the shared settings plus its own.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
-use shared::config::{parse_bind, CommonConfig};
+use shared::config::{parse_bind, CommonConfig, SigningArgs};
 
 /// fairgate buffer: fans join here; the draw orders the presale buffer at sale start.
 #[derive(Clone, Debug, Parser)]
@@ -14,13 +13,8 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_BUFFER_BIND", default_value = "127.0.0.1:8081", value_parser = parse_bind)]
     pub bind: SocketAddr,
 
-    /// Ed25519 signing key for tickets and receipts: 64 hex digits (32-byte seed).
-    #[arg(long, env = "FAIRGATE_SIGNING_KEY", hide_env_values = true)]
-    pub signing_key: Option<String>,
-
-    /// File holding the signing key as 64 hex digits (used when FAIRGATE_SIGNING_KEY is unset).
-    #[arg(long, env = "FAIRGATE_SIGNING_KEY_FILE")]
-    pub signing_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub signing: SigningArgs,
 
     /// How often the scheduler looks for draws to run and queues to restore, in milliseconds.
     #[arg(long, env = "FAIRGATE_DRAW_TICK_MS", default_value_t = 500)]

@@ -210,8 +210,7 @@ async fn published_draw(
     State(state): State<AppState>,
     Path(id): Path<i64>,
 ) -> Result<Json<PublishedDraw>, ApiError> {
-    let event_id = EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event_id = EventId::from_path(id)?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
     let mut published = PublishedDraw {
         event_id: id,

@@ -108,8 +108,7 @@ async fn join(
     if let Some(limit) = &state.limits.per_ip {
         limit.check(&peer.ip())?;
     }
-    let event_id = EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event_id = EventId::from_path(id)?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
     match event.phase(Utc::now()) {
         SalePhase::NotOpen => {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::Router;
 use shared::redis::Redis;
 use shared::server::{Backends, RunningApp};
-use shared::token::{Signer, SigningKey, Verifier};
+use shared::token::{Signer, Verifier};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -52,16 +52,8 @@ pub fn app(state: AppState) -> Router {
 /// Connects to Postgres and Redis, binds the listener and starts the server and the draw
 /// scheduler. Port 0 in `config.bind` picks a free port (tests).
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
-    let pg = shared::db::connect(&config.common).await?;
-    if config.common.migrate {
-        shared::db::migrate(&pg).await?;
-    }
-    let redis = Redis::connect(&config.common).await?;
-    let key = SigningKey::load(
-        config.signing_key.as_deref(),
-        config.signing_key_file.as_deref(),
-    )?;
-    let signer = Signer::new(key, config.common.issuer.clone());
+    let Backends { pg, redis, .. } = Backends::connect("buffer", &config.common).await?;
+    let signer = config.signing.signer(&config.common.issuer)?;
     let state = AppState {
         verifier: signer.verifier(),
         signer,

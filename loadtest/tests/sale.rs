@@ -31,7 +31,7 @@ impl Stack {
 
         let mut buffer_config = buffer::Config::parse_from(["buffer"]);
         buffer_config.bind = "127.0.0.1:0".parse().expect("addr");
-        buffer_config.signing_key = Some(key.clone());
+        buffer_config.signing.signing_key = Some(key.clone());
         buffer_config.draw_tick_ms = 100;
         buffer_config.join_limit_per_ip = 0;
         buffer_config.common = env.common_config();
@@ -41,7 +41,7 @@ impl Stack {
 
         let mut queue_config = queue::Config::parse_from(["queue"]);
         queue_config.bind = "127.0.0.1:0".parse().expect("addr");
-        queue_config.signing_key = Some(key);
+        queue_config.signing.signing_key = Some(key);
         queue_config.admission_tick_ms = 50;
         queue_config.refresh_ms = 200;
         queue_config.common = env.common_config();
@@ -100,6 +100,18 @@ impl Stack {
         }
         self.env.cleanup().await;
     }
+}
+
+/// Sends a websocket upgrade request as a browser would, to see how it is refused.
+async fn upgrade(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("request")
 }
 
 fn status_of(e: &anyhow::Error) -> (u16, String) {
@@ -446,31 +458,20 @@ async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
     // Queue: a websocket without a valid ticket, a claim before the draw, a foreign origin.
     let joined = c.join(event, None).await.expect("join");
     expect(
-        http.get(format!("{queue}/api/v1/events/{event}/ws?ticket=forged"))
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-            .send()
-            .await
-            .expect("req"),
+        upgrade(http.get(format!("{queue}/api/v1/events/{event}/ws?ticket=forged"))).await,
         401,
         "ticket_malformed",
     )
     .await;
     expect(
-        http.get(format!(
-            "{queue}/api/v1/events/{event}/ws?ticket={}",
-            joined.ticket
-        ))
-        .header("origin", "https://evil.example")
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .expect("req"),
+        upgrade(
+            http.get(format!(
+                "{queue}/api/v1/events/{event}/ws?ticket={}",
+                joined.ticket
+            ))
+            .header("origin", "https://evil.example"),
+        )
+        .await,
         403,
         "origin_not_allowed",
     )

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::passgate::Pass;
 use crate::payments::{is_known_token, ChargeOutcome};
-use crate::seats::ensure_pass_unused;
+use crate::seats::{ensure_pass_unused, lock_seats};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -290,7 +290,7 @@ async fn charge_and_commit(
                 code,
                 format!("{message}; your seats stay held until the hold expires"),
             ));
-            store(state, pass, key, &done).await?;
+            store(&state.pg, pass, key, &done).await?;
             return Ok(done);
         }
         ChargeOutcome::Succeeded { reference } => reference,
@@ -320,14 +320,21 @@ async fn charge_and_commit(
                     .await?;
             }
             let done = Final::error(&refused);
-            store(state, pass, key, &done).await?;
+            store(&state.pg, pass, key, &done).await?;
             Ok(done)
         }
         Err(e) => Err(e),
     }
 }
 
-async fn store(state: &AppState, pass: &Pass, key: &str, done: &Final) -> Result<(), ApiError> {
+/// Records the final answer for retries with the same key (in the order's transaction when
+/// there is one).
+async fn store<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    pass: &Pass,
+    key: &str,
+    done: &Final,
+) -> Result<(), ApiError> {
     sqlx::query(
         "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
          WHERE jti = $1 AND idempotency_key = $2",
@@ -336,17 +343,9 @@ async fn store(state: &AppState, pass: &Pass, key: &str, done: &Final) -> Result
     .bind(key)
     .bind(i32::from(done.status.as_u16()))
     .bind(&done.body)
-    .execute(&state.pg)
+    .execute(db)
     .await?;
     Ok(())
-}
-
-#[derive(sqlx::FromRow)]
-struct LockedSeat {
-    id: i64,
-    status: String,
-    hold_id: Option<Uuid>,
-    held_until: Option<DateTime<Utc>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -360,13 +359,7 @@ async fn commit(
     reference: &str,
 ) -> Result<Final, ApiError> {
     let mut tx = state.pg.begin().await?;
-    let seats = sqlx::query_as::<_, LockedSeat>(
-        "SELECT id, status, hold_id, held_until FROM seats WHERE id = ANY($1)
-         ORDER BY id FOR UPDATE",
-    )
-    .bind(&hold.seat_ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let seats = lock_seats(&mut tx, None, &hold.seat_ids).await?;
     let now = Utc::now();
     let still_ours = seats.len() == hold.seat_ids.len()
         && seats.iter().all(|s| {
@@ -445,16 +438,7 @@ async fn commit(
         status: StatusCode::CREATED,
         body: serde_json::to_value(&view).map_err(ApiError::internal)?,
     };
-    sqlx::query(
-        "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
-         WHERE jti = $1 AND idempotency_key = $2",
-    )
-    .bind(pass.claims.jti)
-    .bind(key)
-    .bind(i32::from(done.status.as_u16()))
-    .bind(&done.body)
-    .execute(&mut *tx)
-    .await?;
+    store(&mut *tx, pass, key, &done).await?;
     tx.commit().await?;
     Ok(done)
 }

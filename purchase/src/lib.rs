@@ -52,11 +52,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
-    let pg = shared::db::connect(&config.common).await?;
-    if config.common.migrate {
-        shared::db::migrate(&pg).await?;
-    }
-    let redis = Redis::connect(&config.common).await?;
+    let Backends { pg, redis, .. } = Backends::connect("purchase", &config.common).await?;
     let passes = passgate::PassKeys::new(config.jwks_url.clone(), config.common.issuer.clone())?;
     if let Err(e) = passes.refresh().await {
         tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");

@@ -172,27 +172,13 @@ impl CreateEvent {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize)]
 pub struct EventPage {
     #[serde(flatten)]
-    pub event: EventSummary,
+    pub event: SaleEvent,
     pub seats_total: i64,
     pub seats_available: i64,
     pub seats_sold: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct EventSummary {
-    pub id: i64,
-    pub name: String,
-    pub venue: String,
-    pub starts_at: DateTime<Utc>,
-    pub presale_opens_at: DateTime<Utc>,
-    pub sale_starts_at: DateTime<Utc>,
-    pub sale_ends_at: DateTime<Utc>,
-    pub rate_per_minute: i32,
-    pub max_active: i32,
-    pub seats_per_fan: i32,
 }
 
 #[instrument(skip_all)]
@@ -241,7 +227,7 @@ async fn create_event(
     }
     tx.commit().await?;
     tracing::info!(event = id, seats = total, "event created");
-    let event_id = EventId::new(id).ok_or_else(|| ApiError::internal("bad event id"))?;
+    let event_id = EventId::from_path(id)?;
     Ok((StatusCode::CREATED, Json(page(&state, event_id).await?)))
 }
 
@@ -250,8 +236,7 @@ async fn event_page(
     State(state): State<AppState>,
     Path(id): Path<i64>,
 ) -> Result<Json<EventPage>, ApiError> {
-    let event_id = EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event_id = EventId::from_path(id)?;
     Ok(Json(page(&state, event_id).await?))
 }
 
@@ -268,18 +253,7 @@ async fn page(state: &AppState, id: EventId) -> Result<EventPage, ApiError> {
     .fetch_one(&state.pg)
     .await?;
     Ok(EventPage {
-        event: EventSummary {
-            id: event.id,
-            name: event.name,
-            venue: event.venue,
-            starts_at: event.starts_at,
-            presale_opens_at: event.presale_opens_at,
-            sale_starts_at: event.sale_starts_at,
-            sale_ends_at: event.sale_ends_at,
-            rate_per_minute: event.rate_per_minute,
-            max_active: event.max_active,
-            seats_per_fan: event.seats_per_fan,
-        },
+        event,
         seats_total: total,
         seats_available: available,
         seats_sold: sold,

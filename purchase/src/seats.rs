@@ -14,6 +14,7 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::extract::{Json, Path};
+use shared::ids::EventId;
 use shared::ApiError;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
@@ -71,13 +72,32 @@ pub struct HoldView {
     pub total_cents: i64,
 }
 
+/// A seat row locked for update.
 #[derive(sqlx::FromRow)]
-struct LockedSeat {
-    id: i64,
-    status: String,
-    hold_id: Option<Uuid>,
-    held_until: Option<DateTime<Utc>>,
-    price_cents: i64,
+pub(crate) struct LockedSeat {
+    pub id: i64,
+    pub status: String,
+    pub hold_id: Option<Uuid>,
+    pub held_until: Option<DateTime<Utc>>,
+    pub price_cents: i64,
+}
+
+/// Locks the given seats (of `event`, if given) in id order, the one order every transaction
+/// uses, so two of them never deadlock.
+pub(crate) async fn lock_seats(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    event: Option<EventId>,
+    seat_ids: &[i64],
+) -> Result<Vec<LockedSeat>, ApiError> {
+    Ok(sqlx::query_as::<_, LockedSeat>(
+        "SELECT id, status, hold_id, held_until, price_cents FROM seats
+         WHERE id = ANY($2) AND ($1::bigint IS NULL OR event_id = $1)
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(event.map(EventId::get))
+    .bind(seat_ids)
+    .fetch_all(&mut **tx)
+    .await?)
 }
 
 /// Refuses a pass whose checkout already completed: it has bought what it may buy.
@@ -125,14 +145,7 @@ async fn hold(
             .bind(pass.claims.jti)
             .fetch_all(&mut *tx)
             .await?;
-    let seats = sqlx::query_as::<_, LockedSeat>(
-        "SELECT id, status, hold_id, held_until, price_cents FROM seats
-         WHERE event_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
-    )
-    .bind(pass.event.get())
-    .bind(&seat_ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let seats = lock_seats(&mut tx, Some(pass.event), &seat_ids).await?;
     if seats.len() != seat_ids.len() {
         let found: HashSet<i64> = seats.iter().map(|s| s.id).collect();
         let missing: Vec<i64> = seat_ids

@@ -1,10 +1,9 @@
 //! The queue service's configuration.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
-use shared::config::{parse_bind, CommonConfig};
+use shared::config::{parse_bind, CommonConfig, SigningArgs};
 
 /// fairgate queue: the websocket waiting room, the admission controller and passes.
 #[derive(Clone, Debug, Parser)]
@@ -14,13 +13,8 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_QUEUE_BIND", default_value = "127.0.0.1:8082", value_parser = parse_bind)]
     pub bind: SocketAddr,
 
-    /// Ed25519 signing key for passes (and to verify tickets): 64 hex digits.
-    #[arg(long, env = "FAIRGATE_SIGNING_KEY", hide_env_values = true)]
-    pub signing_key: Option<String>,
-
-    /// File holding the signing key as 64 hex digits (used when FAIRGATE_SIGNING_KEY is unset).
-    #[arg(long, env = "FAIRGATE_SIGNING_KEY_FILE")]
-    pub signing_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub signing: SigningArgs,
 
     /// Admission controller tick, in milliseconds.
     #[arg(long, env = "FAIRGATE_ADMISSION_TICK_MS", default_value_t = 250)]

@@ -125,8 +125,7 @@ async fn claim(
     Path(id): Path<i64>,
     Json(request): Json<ClaimRequest>,
 ) -> Result<Json<IssuedPass>, ApiError> {
-    let event_id = EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event_id = EventId::from_path(id)?;
     let ticket = state
         .verifier
         .verify_ticket(&request.ticket, event_id)

@@ -38,8 +38,7 @@ pub fn router() -> Router<AppState> {
 
 /// The waiting page: plain HTML, CSS and JS in one file, no external assets.
 async fn waiting_page(Path(id): Path<i64>) -> Result<Html<&'static str>, ApiError> {
-    EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    EventId::from_path(id)?;
     Ok(Html(include_str!("waiting.html")))
 }
 
@@ -77,8 +76,7 @@ async fn upgrade(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&state, &headers)?;
-    let event_id = EventId::new(id)
-        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let event_id = EventId::from_path(id)?;
     let ticket = state
         .verifier
         .verify_ticket(&query.ticket, event_id)

@@ -88,6 +88,28 @@ impl CommonConfig {
     }
 }
 
+/// The Ed25519 key that signs tickets, receipts and passes (buffer and queue).
+#[derive(Clone, Debug, Args)]
+pub struct SigningArgs {
+    /// Ed25519 signing key: 64 hex digits (the 32-byte seed).
+    #[arg(long, env = "FAIRGATE_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<String>,
+
+    /// File holding the signing key as 64 hex digits (used when FAIRGATE_SIGNING_KEY is unset).
+    #[arg(long, env = "FAIRGATE_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<std::path::PathBuf>,
+}
+
+impl SigningArgs {
+    pub fn signer(&self, issuer: &str) -> anyhow::Result<crate::token::Signer> {
+        let key = crate::token::SigningKey::load(
+            self.signing_key.as_deref(),
+            self.signing_key_file.as_deref(),
+        )?;
+        Ok(crate::token::Signer::new(key, issuer))
+    }
+}
+
 /// The address a service listens on, with its own default port.
 pub fn parse_bind(raw: &str) -> Result<SocketAddr, String> {
     raw.parse()

@@ -20,6 +20,14 @@ impl EventId {
     }
 }
 
+impl EventId {
+    /// The event named by a path parameter: one that cannot exist is a 404, like an unknown one.
+    pub fn from_path(raw: i64) -> Result<Self, crate::ApiError> {
+        EventId::new(raw)
+            .ok_or_else(|| crate::ApiError::NotFound("event_not_found", format!("no event {raw}")))
+    }
+}
+
 impl TryFrom<i64> for EventId {
     type Error = String;
     fn try_from(raw: i64) -> Result<Self, String> {

@@ -32,6 +32,18 @@ pub struct Backends {
     pub redis: Redis,
 }
 
+impl Backends {
+    /// Connects to Postgres (applying migrations unless disabled) and Redis.
+    pub async fn connect(service: &'static str, config: &CommonConfig) -> anyhow::Result<Self> {
+        let pg = crate::db::connect(config).await?;
+        if config.migrate {
+            crate::db::migrate(&pg).await?;
+        }
+        let redis = Redis::connect(config).await?;
+        Ok(Backends { service, pg, redis })
+    }
+}
+
 /// `/healthz`, `/readyz` and `/metrics`.
 pub fn ops_router(backends: Backends) -> Router {
     Router::new()

@@ -16,7 +16,7 @@ use uuid::Uuid;
 async fn start_buffer(env: &TestEnv, key: &str, shutdown: &CancellationToken) -> RunningApp {
     let mut config = buffer::Config::parse_from(["buffer"]);
     config.bind = "127.0.0.1:0".parse().expect("addr");
-    config.signing_key = Some(key.to_owned());
+    config.signing.signing_key = Some(key.to_owned());
     config.draw_tick_ms = 50;
     config.join_limit_per_ip = 0;
     config.common = env.common_config();
