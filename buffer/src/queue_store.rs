@@ -65,6 +65,20 @@ pub async fn publish(pg: &PgPool, redis: &Redis, event: EventId) -> Result<bool,
     if already == 1 {
         return Ok(false);
     }
+    // Only a committed draw may be published: marking the queue drawn before that would let the
+    // back of the line start at position 1, on top of the draw's positions.
+    let committed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM draws WHERE event_id = $1 AND drawn_at IS NOT NULL)",
+    )
+    .bind(event.get())
+    .fetch_one(pg)
+    .await?;
+    if !committed {
+        return Err(ApiError::Conflict(
+            "draw_pending",
+            "the draw has not run yet".into(),
+        ));
+    }
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
         "SELECT ticket_id, position FROM joins
          WHERE event_id = $1 AND position IS NOT NULL ORDER BY position",
