@@ -234,27 +234,6 @@ fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
     }
 }
 
-/// Spearman rank correlation of two equally long samples (no ties expected).
-pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
-    let n = x.len();
-    if n < 3 || n != y.len() {
-        return None;
-    }
-    let rank = |v: &[f64]| {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-        let mut r = vec![0.0; v.len()];
-        for (rank, &i) in idx.iter().enumerate() {
-            r[i] = rank as f64;
-        }
-        r
-    };
-    let (rx, ry) = (rank(x), rank(y));
-    let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
-    let n = n as f64;
-    Some(1.0 - 6.0 * d2 / (n * (n * n - 1.0)))
-}
-
 async fn report(
     client: &Client,
     config: &CrowdConfig,
@@ -296,7 +275,7 @@ async fn report(
     presale.sort();
     let arrival: Vec<f64> = (0..presale.len()).map(|i| i as f64).collect();
     let positions: Vec<f64> = presale.iter().map(|(_, p)| *p as f64).collect();
-    let spearman_presale = spearman(&arrival, &positions);
+    let spearman_presale = shared::stats::spearman(&arrival, &positions);
 
     let draw_verified = verify_draw(client, event).await.unwrap_or(false);
 
@@ -359,18 +338,4 @@ pub async fn verify_draw(client: &Client, event: i64) -> anyhow::Result<bool> {
     let mut recomputed = order.clone();
     shared::draw::draw_order(&seed, &mut recomputed);
     Ok(recomputed == order)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spearman_of_identical_and_reversed_ranks() {
-        let x = [1.0, 2.0, 3.0, 4.0, 5.0];
-        let rev = [5.0, 4.0, 3.0, 2.0, 1.0];
-        assert_eq!(spearman(&x, &x), Some(1.0));
-        assert_eq!(spearman(&x, &rev), Some(-1.0));
-        assert_eq!(spearman(&x[..2], &x[..2]), None);
-    }
 }

@@ -93,6 +93,68 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// A reproducible stream of seeds and ticket ids for the statistical tests, so they cannot
+    /// flake: the same draws are checked on every run.
+    fn test_rng() -> rand_chacha::ChaCha20Rng {
+        rand_chacha::ChaCha20Rng::from_seed([42u8; 32])
+    }
+
+    fn random_ids(rng: &mut impl RngCore, n: usize) -> Vec<Uuid> {
+        (0..n)
+            .map(|_| Uuid::from_u128(u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())))
+            .collect()
+    }
+
+    #[test]
+    fn every_entrant_is_equally_likely_at_every_position() {
+        // 10 entrants, 20,000 draws: each entrant's position counts must fit a uniform
+        // distribution. The chi-square critical value for 9 degrees of freedom at p = 0.0001
+        // is 33.72; with 10 entrants tested we stay far below a false alarm (and the seeds are
+        // fixed, so the verdict is the same on every run).
+        let mut rng = test_rng();
+        let entrants = random_ids(&mut rng, 10);
+        let mut counts = vec![vec![0u64; 10]; 10];
+        for _ in 0..20_000 {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let mut order = entrants.clone();
+            draw_order(&Seed(seed), &mut order);
+            for (position, ticket) in order.iter().enumerate() {
+                let who = entrants.iter().position(|e| e == ticket).expect("same entrants");
+                counts[who][position] += 1;
+            }
+        }
+        for (who, row) in counts.iter().enumerate() {
+            let chi2 = crate::stats::chi_square_uniform(row);
+            assert!(chi2 < 33.72, "entrant {who}: chi-square {chi2:.2} for {row:?}");
+        }
+    }
+
+    #[test]
+    fn position_is_uncorrelated_with_arrival_order() {
+        // 500 draws of 200 fans arriving in order 0..200 with random ticket ids: the mean
+        // Spearman correlation of arrival with position must be ≈ 0. Under no correlation each
+        // rho has standard deviation 1/sqrt(199) ≈ 0.071, so the mean of 500 has ≈ 0.0032;
+        // 0.015 is over four of those.
+        let mut rng = test_rng();
+        let arrival: Vec<f64> = (0..200).map(f64::from).collect();
+        let mut total = 0.0;
+        for _ in 0..500 {
+            let arrivals = random_ids(&mut rng, 200);
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let mut order = arrivals.clone();
+            draw_order(&Seed(seed), &mut order);
+            let position: Vec<f64> = arrivals
+                .iter()
+                .map(|t| order.iter().position(|o| o == t).expect("present") as f64)
+                .collect();
+            total += crate::stats::spearman(&arrival, &position).expect("enough values");
+        }
+        let mean = total / 500.0;
+        assert!(mean.abs() < 0.015, "mean Spearman rho {mean:.4}");
+    }
+
     proptest! {
         #[test]
         fn the_draw_is_a_deterministic_bijection(seed in any::<[u8; 32]>(), n in 0u128..300) {

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod ratelimit;
 pub mod redis;
 pub mod server;
+pub mod stats;
 pub mod telemetry;
 pub mod token;
 
