@@ -323,19 +323,6 @@ async fn report(
 /// Recomputes the published draw from its seed and entrants and compares it with the
 /// published order.
 pub async fn verify_draw(client: &Client, event: i64) -> anyhow::Result<bool> {
-    let published = client.draw(event).await?;
-    if published["status"] != "drawn" {
-        return Ok(false);
-    }
-    let seed_hex = published["seed"].as_str().unwrap_or_default();
-    let seed = shared::ids::Seed::from_slice(&hex::decode(seed_hex)?)
-        .ok_or_else(|| anyhow::anyhow!("seed is not 32 bytes"))?;
-    let commitment = published["commitment"].as_str().unwrap_or_default();
-    if hex::encode(seed.commitment()) != commitment {
-        return Ok(false);
-    }
-    let order: Vec<Uuid> = serde_json::from_value(published["order"].clone())?;
-    let mut recomputed = order.clone();
-    shared::draw::draw_order(&seed, &mut recomputed);
-    Ok(recomputed == order)
+    let published = crate::verify::fetch(client, event).await?;
+    Ok(published.verdict() == shared::draw::Verdict::Match)
 }

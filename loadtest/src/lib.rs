@@ -4,3 +4,4 @@
 pub mod client;
 pub mod crowd;
 pub mod invariants;
+pub mod verify;

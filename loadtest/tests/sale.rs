@@ -187,6 +187,32 @@ async fn a_whole_sale_walks_from_join_to_order() {
     assert!(verify_draw(c, event).await.expect("draw published"));
     let draw = c.draw(event).await.expect("draw");
     assert_eq!(draw["entrants"], 5);
+    // The `verify` command agrees, and finds a fan's signed join receipt in the draw.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_verify"))
+        .args(["--event", &event.to_string()])
+        .args(["--buffer-url", &c.endpoints.buffer])
+        .args([
+            "--jwks-url",
+            &format!("{}/.well-known/jwks.json", c.endpoints.queue),
+        ])
+        .args(["--receipt", &fans[2].receipt])
+        .output()
+        .await
+        .expect("verify runs");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "verify failed: {printed} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains("MATCH:"), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "ticket {}) is in the draw at position",
+            fans[2].ticket_id
+        )),
+        "{printed}"
+    );
 
     // A fan arriving after the draw goes to the back, in arrival order.
     let late = c.join(event, None).await.expect("late join");

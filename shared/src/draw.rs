@@ -29,6 +29,39 @@ pub fn draw_order(seed: &Seed, entrants: &mut [Uuid]) {
     }
 }
 
+/// The outcome of checking a published draw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The order is exactly what the seed makes of its entrants.
+    Match,
+    /// The seed does not hash to the commitment published before the draw.
+    CommitmentMismatch,
+    /// The first position (1-based) where the published order differs from the recomputed one.
+    Mismatch {
+        position: usize,
+        published: Uuid,
+        recomputed: Uuid,
+    },
+}
+
+/// Checks a published draw: the seed against its commitment, then the published order (ticket
+/// ids by position) against the order recomputed from the seed and the same entrants.
+pub fn verify(seed: &Seed, commitment: &[u8; 32], published: &[Uuid]) -> Verdict {
+    if &seed.commitment() != commitment {
+        return Verdict::CommitmentMismatch;
+    }
+    let mut recomputed = published.to_vec();
+    draw_order(seed, &mut recomputed);
+    match published.iter().zip(&recomputed).position(|(p, r)| p != r) {
+        None => Verdict::Match,
+        Some(i) => Verdict::Mismatch {
+            position: i + 1,
+            published: published[i],
+            recomputed: recomputed[i],
+        },
+    }
+}
+
 /// Uniform in `[0, bound)` by rejection sampling; `bound` must be positive.
 fn uniform_below(rng: &mut impl RngCore, bound: u64) -> u64 {
     debug_assert!(bound > 0);
@@ -44,7 +77,7 @@ fn uniform_below(rng: &mut impl RngCore, bound: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{draw_order, uniform_below, Seed, Uuid};
+    use super::{draw_order, uniform_below, verify, Seed, Uuid, Verdict};
     use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
     use rand_core::{RngCore, SeedableRng};
 
@@ -93,6 +126,42 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    #[test]
+    fn tampering_with_an_entrant_the_seed_or_a_position_is_detected() {
+        let seed = Seed([9u8; 32]);
+        let commitment = seed.commitment();
+        let mut order = ids(50);
+        draw_order(&seed, &mut order);
+        assert_eq!(verify(&seed, &commitment, &order), Verdict::Match);
+
+        // One entrant swapped for someone who was not in the draw.
+        let mut forged = order.clone();
+        forged[17] = Uuid::from_u128(1_000_000);
+        assert!(matches!(
+            verify(&seed, &commitment, &forged),
+            Verdict::Mismatch { .. }
+        ));
+
+        // Another seed than the one committed to.
+        let other = Seed([8u8; 32]);
+        assert_eq!(
+            verify(&other, &commitment, &order),
+            Verdict::CommitmentMismatch
+        );
+
+        // Two fans' positions exchanged: the first difference is reported.
+        let mut swapped = order.clone();
+        swapped.swap(3, 30);
+        assert_eq!(
+            verify(&seed, &commitment, &swapped),
+            Verdict::Mismatch {
+                position: 4,
+                published: order[30],
+                recomputed: order[3],
+            }
+        );
+    }
+
     /// A reproducible stream of seeds and ticket ids for the statistical tests, so they cannot
     /// flake: the same draws are checked on every run.
     fn test_rng() -> rand_chacha::ChaCha20Rng {
@@ -120,13 +189,19 @@ mod tests {
             let mut order = entrants.clone();
             draw_order(&Seed(seed), &mut order);
             for (position, ticket) in order.iter().enumerate() {
-                let who = entrants.iter().position(|e| e == ticket).expect("same entrants");
+                let who = entrants
+                    .iter()
+                    .position(|e| e == ticket)
+                    .expect("same entrants");
                 counts[who][position] += 1;
             }
         }
         for (who, row) in counts.iter().enumerate() {
             let chi2 = crate::stats::chi_square_uniform(row);
-            assert!(chi2 < 33.72, "entrant {who}: chi-square {chi2:.2} for {row:?}");
+            assert!(
+                chi2 < 33.72,
+                "entrant {who}: chi-square {chi2:.2} for {row:?}"
+            );
         }
     }
 
