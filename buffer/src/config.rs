@@ -16,6 +16,10 @@ pub struct Config {
     #[command(flatten)]
     pub signing: SigningArgs,
 
+    /// Bearer token of the organizer API (sale windows); unset disables that API.
+    #[arg(long, env = "FAIRGATE_ORGANIZER_TOKEN", hide_env_values = true)]
+    pub organizer_token: Option<String>,
+
     /// How often the scheduler looks for draws to run and queues to restore, in milliseconds.
     #[arg(long, env = "FAIRGATE_DRAW_TICK_MS", default_value_t = 500)]
     pub draw_tick_ms: u64,
@@ -23,6 +27,19 @@ pub struct Config {
     /// Joins allowed per client IP per minute (0 disables the limit).
     #[arg(long, env = "FAIRGATE_JOIN_LIMIT_PER_IP", default_value_t = 600)]
     pub join_limit_per_ip: u32,
+
+    /// Joins allowed per fan identity per minute (asserted identities and resumed tickets).
+    #[arg(long, env = "FAIRGATE_JOIN_LIMIT_PER_IDENTITY", default_value_t = 60)]
+    pub join_limit_per_identity: u32,
+
+    /// Secret shared with the organizer's site to sign identity assertions (HS256, at least 32
+    /// characters); unset: only anonymous joins.
+    #[arg(long, env = "FAIRGATE_IDENTITY_SECRET", hide_env_values = true)]
+    pub identity_secret: Option<String>,
+
+    /// Issuer (`iss`) identity assertions must carry, if set.
+    #[arg(long, env = "FAIRGATE_IDENTITY_ISSUER")]
+    pub identity_issuer: Option<String>,
 
     #[command(flatten)]
     pub common: CommonConfig,

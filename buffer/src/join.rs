@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
 #[derive(Clone)]
 pub struct JoinLimits {
     per_ip: Option<KeyedLimit<IpAddr>>,
+    per_identity: Option<KeyedLimit<String>>,
 }
 
 impl JoinLimits {
@@ -45,7 +46,25 @@ impl JoinLimits {
                 "IP address",
             )
         });
-        JoinLimits { per_ip }
+        // A burst of 20 lets a fan's tabs and devices all ask at once and get the same place.
+        let per_identity = (config.join_limit_per_identity > 0).then(|| {
+            KeyedLimit::per_minute(
+                config.join_limit_per_identity,
+                (config.join_limit_per_identity / 3).max(20),
+                "identity",
+            )
+        });
+        JoinLimits {
+            per_ip,
+            per_identity,
+        }
+    }
+
+    fn check_identity(&self, identity: &str) -> Result<(), ApiError> {
+        match &self.per_identity {
+            Some(limit) => limit.check(&identity.to_owned()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -58,6 +77,9 @@ pub async fn prune_limits(state: AppState, shutdown: CancellationToken) -> anyho
                 if let Some(limit) = &state.limits.per_ip {
                     limit.retain_recent();
                 }
+                if let Some(limit) = &state.limits.per_identity {
+                    limit.retain_recent();
+                }
             }
         }
     }
@@ -68,6 +90,8 @@ pub async fn prune_limits(state: AppState, shutdown: CancellationToken) -> anyho
 pub struct JoinRequest {
     /// The signed queue ticket already held, to get the same place back.
     pub ticket: Option<String>,
+    /// An identity assertion signed by the organizer's site (see `identity.rs`).
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -130,15 +154,27 @@ async fn join(
     }
     let commitment = ensure_commitment(&state, event_id).await?;
 
-    let (row, resumed) = match request.ticket.as_deref() {
-        Some(token) => {
+    let (row, resumed) = match (request.ticket.as_deref(), request.identity.as_deref()) {
+        (Some(token), _) => {
             let claims = state
                 .verifier
                 .verify_ticket(token, event_id)
                 .map_err(|e| e.into_api(TokenKind::Ticket))?;
+            state.limits.check_identity(&claims.sub)?;
             (existing_join(&state, claims.tkt).await?, true)
         }
-        None => {
+        (None, Some(assertion)) => {
+            let verifier = state.identities.as_ref().ok_or_else(|| {
+                ApiError::BadRequest(
+                    "identity_not_supported",
+                    "this deployment accepts no identity assertions; join without one".into(),
+                )
+            })?;
+            let identity = verifier.verify(assertion, event_id)?;
+            state.limits.check_identity(identity.as_str())?;
+            insert_join(&state, event_id, TicketId::random(), &identity).await?
+        }
+        (None, None) => {
             if !event.anonymous_allowed {
                 return Err(ApiError::Unauthorized(
                     "identity_required",

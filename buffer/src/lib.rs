@@ -8,12 +8,15 @@
 
 pub mod config;
 pub mod draw;
+pub mod identity;
 pub mod join;
 mod queue_store;
+pub mod window;
 
 use std::sync::Arc;
 
 use axum::Router;
+use shared::auth::RoleToken;
 use shared::redis::Redis;
 use shared::server::{Backends, RunningApp};
 use shared::token::{Signer, Verifier};
@@ -32,6 +35,8 @@ pub struct AppState {
     pub verifier: Verifier,
     pub limits: join::JoinLimits,
     pub commitments: draw::CommitmentCache,
+    pub organizer: RoleToken,
+    pub identities: Option<identity::IdentityVerifier>,
 }
 
 /// All routes of the service, with the shared layers.
@@ -45,6 +50,7 @@ pub fn app(state: AppState) -> Router {
     let routes = Router::new()
         .merge(join::router())
         .merge(draw::router())
+        .merge(window::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -54,11 +60,20 @@ pub fn app(state: AppState) -> Router {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
     let Backends { pg, redis, .. } = Backends::connect("buffer", &config.common).await?;
     let signer = config.signing.signer(&config.common.issuer)?;
+    let identities = match &config.identity_secret {
+        Some(secret) => Some(identity::IdentityVerifier::new(
+            secret,
+            config.identity_issuer.as_deref(),
+        )?),
+        None => None,
+    };
     let state = AppState {
+        identities,
         verifier: signer.verifier(),
         signer,
         limits: join::JoinLimits::new(&config),
         commitments: draw::CommitmentCache::default(),
+        organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         config: Arc::new(config),
         pg,
         redis,

@@ -49,37 +49,6 @@ pub struct CreateEvent {
 
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct SaleSettings {
-    pub presale_opens_at: DateTime<Utc>,
-    pub sale_starts_at: DateTime<Utc>,
-    pub sale_ends_at: DateTime<Utc>,
-    pub rate_per_minute: i32,
-    pub max_active: i32,
-    #[serde(default = "default_pass_ttl")]
-    pub pass_ttl_secs: i32,
-    #[serde(default = "default_claim_window")]
-    pub claim_window_secs: i32,
-    #[serde(default = "default_seats_per_fan")]
-    pub seats_per_fan: i32,
-    #[serde(default = "default_true")]
-    pub anonymous_allowed: bool,
-}
-
-fn default_pass_ttl() -> i32 {
-    900
-}
-fn default_claim_window() -> i32 {
-    300
-}
-fn default_seats_per_fan() -> i32 {
-    4
-}
-fn default_true() -> bool {
-    true
-}
-
-#[derive(Debug, Deserialize, Serialize, Clone)]
-#[serde(deny_unknown_fields)]
 pub struct SeatMap {
     pub sections: Vec<Section>,
 }
@@ -93,9 +62,7 @@ pub struct Section {
     pub price_cents: i64,
 }
 
-fn invalid(field: &str, why: &str) -> ApiError {
-    ApiError::Unprocessable("invalid_field", format!("{field}: {why}"))
-}
+use shared::event::{invalid, SaleSettings};
 
 impl CreateEvent {
     /// Every rule a value must meet, each refusal naming the field.
@@ -107,37 +74,7 @@ impl CreateEvent {
         if self.venue.len() > 200 {
             return Err(invalid("venue", "must be at most 200 characters"));
         }
-        let s = &self.sale;
-        if s.presale_opens_at >= s.sale_starts_at {
-            return Err(invalid(
-                "sale.presale_opens_at",
-                "must be before sale.sale_starts_at",
-            ));
-        }
-        if s.sale_starts_at >= s.sale_ends_at {
-            return Err(invalid(
-                "sale.sale_ends_at",
-                "must be after sale.sale_starts_at",
-            ));
-        }
-        if s.sale_ends_at <= Utc::now() {
-            return Err(invalid("sale.sale_ends_at", "must be in the future"));
-        }
-        if !(1..=1_000_000).contains(&s.rate_per_minute) {
-            return Err(invalid("sale.rate_per_minute", "must be 1 to 1,000,000"));
-        }
-        if !(1..=1_000_000).contains(&s.max_active) {
-            return Err(invalid("sale.max_active", "must be 1 to 1,000,000"));
-        }
-        if !(60..=86_400).contains(&s.pass_ttl_secs) {
-            return Err(invalid("sale.pass_ttl_secs", "must be 60 to 86,400"));
-        }
-        if !(10..=86_400).contains(&s.claim_window_secs) {
-            return Err(invalid("sale.claim_window_secs", "must be 10 to 86,400"));
-        }
-        if !(1..=20).contains(&s.seats_per_fan) {
-            return Err(invalid("sale.seats_per_fan", "must be 1 to 20"));
-        }
+        self.sale.validate("sale.")?;
         if self.seat_map.sections.is_empty() || self.seat_map.sections.len() > 500 {
             return Err(invalid("seat_map.sections", "must have 1 to 500 sections"));
         }

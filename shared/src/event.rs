@@ -2,7 +2,7 @@
 //! falls in its sale window.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::ids::EventId;
@@ -74,6 +74,95 @@ impl SaleEvent {
             SalePhase::OnSale
         } else {
             SalePhase::Over
+        }
+    }
+}
+
+/// The sale window and admission settings an organizer sets for an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleSettings {
+    pub presale_opens_at: DateTime<Utc>,
+    pub sale_starts_at: DateTime<Utc>,
+    pub sale_ends_at: DateTime<Utc>,
+    pub rate_per_minute: i32,
+    pub max_active: i32,
+    #[serde(default = "default_pass_ttl")]
+    pub pass_ttl_secs: i32,
+    #[serde(default = "default_claim_window")]
+    pub claim_window_secs: i32,
+    #[serde(default = "default_seats_per_fan")]
+    pub seats_per_fan: i32,
+    #[serde(default = "default_true")]
+    pub anonymous_allowed: bool,
+}
+
+fn default_pass_ttl() -> i32 {
+    900
+}
+fn default_claim_window() -> i32 {
+    300
+}
+fn default_seats_per_fan() -> i32 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A 422 naming the field that broke a rule.
+pub fn invalid(field: &str, why: &str) -> ApiError {
+    ApiError::Unprocessable("invalid_field", format!("{field}: {why}"))
+}
+
+impl SaleSettings {
+    /// Every rule a value must meet on its own; `prefix` names where the settings sit in the
+    /// request (`"sale."` inside an event, `""` alone).
+    pub fn validate(&self, prefix: &str) -> Result<(), ApiError> {
+        let f = |name: &str| format!("{prefix}{name}");
+        if self.presale_opens_at >= self.sale_starts_at {
+            return Err(invalid(
+                &f("presale_opens_at"),
+                &format!("must be before {}", f("sale_starts_at")),
+            ));
+        }
+        if self.sale_starts_at >= self.sale_ends_at {
+            return Err(invalid(
+                &f("sale_ends_at"),
+                &format!("must be after {}", f("sale_starts_at")),
+            ));
+        }
+        if self.sale_ends_at <= Utc::now() {
+            return Err(invalid(&f("sale_ends_at"), "must be in the future"));
+        }
+        let ranges: [(&str, i32, i32, i32); 5] = [
+            ("rate_per_minute", self.rate_per_minute, 1, 1_000_000),
+            ("max_active", self.max_active, 1, 1_000_000),
+            ("pass_ttl_secs", self.pass_ttl_secs, 60, 86_400),
+            ("claim_window_secs", self.claim_window_secs, 10, 86_400),
+            ("seats_per_fan", self.seats_per_fan, 1, 20),
+        ];
+        for (name, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                return Err(invalid(&f(name), &format!("must be {low} to {high}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<&SaleEvent> for SaleSettings {
+    fn from(e: &SaleEvent) -> Self {
+        SaleSettings {
+            presale_opens_at: e.presale_opens_at,
+            sale_starts_at: e.sale_starts_at,
+            sale_ends_at: e.sale_ends_at,
+            rate_per_minute: e.rate_per_minute,
+            max_active: e.max_active,
+            pass_ttl_secs: e.pass_ttl_secs,
+            claim_window_secs: e.claim_window_secs,
+            seats_per_fan: e.seats_per_fan,
+            anonymous_allowed: e.anonymous_allowed,
         }
     }
 }

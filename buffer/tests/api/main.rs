@@ -13,8 +13,13 @@ use shared::testing::TestEnv;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+const IDENTITY_SECRET: &str = "organizer-site-shared-secret-0123456789";
+const ORGANIZER: &str = "organizer-token-for-tests";
+
 async fn start_buffer(env: &TestEnv, key: &str, shutdown: &CancellationToken) -> RunningApp {
     let mut config = buffer::Config::parse_from(["buffer"]);
+    config.identity_secret = Some(IDENTITY_SECRET.into());
+    config.organizer_token = Some(ORGANIZER.into());
     config.bind = "127.0.0.1:0".parse().expect("addr");
     config.signing.signing_key = Some(key.to_owned());
     config.draw_tick_ms = 50;
@@ -26,19 +31,47 @@ async fn start_buffer(env: &TestEnv, key: &str, shutdown: &CancellationToken) ->
 }
 
 async fn insert_event(pg: &sqlx::PgPool, draw_in: chrono::Duration) -> i64 {
+    insert_event_with(pg, draw_in, true).await
+}
+
+async fn insert_event_with(pg: &sqlx::PgPool, draw_in: chrono::Duration, anonymous: bool) -> i64 {
     let now = Utc::now();
     sqlx::query_scalar(
         "INSERT INTO events (name, starts_at, presale_opens_at, sale_starts_at, sale_ends_at,
-             rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan)
-         VALUES ('Race', $1, $2, $3, $4, 60, 10, 600, 60, 2) RETURNING id",
+             rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan,
+             anonymous_allowed)
+         VALUES ('Race', $1, $2, $3, $4, 60, 10, 600, 60, 2, $5) RETURNING id",
     )
     .bind(now + chrono::Duration::days(1))
     .bind(now - chrono::Duration::seconds(1))
     .bind(now + draw_in)
     .bind(now + chrono::Duration::hours(1))
+    .bind(anonymous)
     .fetch_one(pg)
     .await
     .expect("event")
+}
+
+fn assertion(sub: &str, secret: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": sub,
+        "aud": buffer::identity::AUDIENCE,
+        "exp": Utc::now().timestamp() + 600,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign")
+}
+
+async fn join_count(pg: &sqlx::PgPool, event: i64) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM joins WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(pg)
+        .await
+        .expect("count")
 }
 
 async fn redis(env: &TestEnv) -> Client {
@@ -197,5 +230,209 @@ async fn racing_instances_draw_once_and_lose_no_join() {
     for app in instances {
         app.stop().await.expect("clean stop");
     }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_identity_gets_one_place_even_from_20_concurrent_joins() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let key = hex::encode(shared::token::random_seed());
+    let shutdown = CancellationToken::new();
+    let app = start_buffer(&env, &key, &shutdown).await;
+    let event = insert_event_with(&pg, chrono::Duration::seconds(60), false).await;
+    let url = format!("{}/api/v1/events/{event}/join", app.url());
+    let http = reqwest::Client::new();
+    let me = assertion("fan-1", IDENTITY_SECRET);
+
+    // Twenty tabs at once: one place.
+    let answers = futures::future::join_all((0..20).map(|_| {
+        http.post(&url)
+            .json(&serde_json::json!({ "identity": me }))
+            .send()
+    }))
+    .await;
+    let mut tickets = HashSet::new();
+    let mut held_ticket = None;
+    let mut created = 0;
+    for answer in answers {
+        let answer = answer.expect("request");
+        if answer.status() == 201 {
+            created += 1;
+        }
+        assert!(answer.status().is_success(), "{}", answer.status());
+        let body: Value = answer.json().await.expect("json");
+        tickets.insert(body["ticket_id"].as_str().expect("id").to_owned());
+        held_ticket = body["ticket"].as_str().map(str::to_owned);
+    }
+    assert_eq!((tickets.len(), created), (1, 1), "one ticket, created once");
+    assert_eq!(join_count(&pg, event).await, 1);
+
+    // Someone else gets their own place; anonymous fans and forged assertions are refused.
+    let other: Value = http
+        .post(&url)
+        .json(&serde_json::json!({ "identity": assertion("fan-2", IDENTITY_SECRET) }))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert!(!tickets.contains(other["ticket_id"].as_str().expect("id")));
+    let refusals = [
+        (serde_json::json!({}), 401, "identity_required"),
+        (
+            serde_json::json!({ "identity": assertion("fan-3", "not-the-organizers-secret-000000") }),
+            401,
+            "identity_invalid",
+        ),
+    ];
+    for (body, status, code) in refusals {
+        let answer = http.post(&url).json(&body).send().await.expect("request");
+        assert_eq!(answer.status().as_u16(), status);
+        let error: Value = answer.json().await.expect("json");
+        assert_eq!(error["error"], code);
+    }
+
+    // An edited ticket is refused: its signature no longer matches.
+    let mut edited = held_ticket.clone().expect("a ticket from the tabs");
+    let i = edited.find('.').expect("jwt") + 8;
+    let swap = if &edited[i..=i] == "A" { "B" } else { "A" };
+    edited.replace_range(i..=i, swap);
+    let answer = http
+        .post(&url)
+        .json(&serde_json::json!({ "ticket": edited }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 401);
+
+    // The same identity hammering the endpoint is slowed down with Retry-After.
+    let mut limited = None;
+    for _ in 0..40 {
+        let answer = http
+            .post(&url)
+            .json(&serde_json::json!({ "identity": me }))
+            .send()
+            .await
+            .expect("request");
+        if answer.status() == 429 {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.expect("the per-identity limit answered 429");
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(
+        join_count(&pg, event).await,
+        2,
+        "refused joins changed nothing"
+    );
+
+    pg.close().await;
+    app.stop().await.expect("stop");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sale_window_api_validates_values_and_guards_a_running_sale() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let key = hex::encode(shared::token::random_seed());
+    let shutdown = CancellationToken::new();
+    let app = start_buffer(&env, &key, &shutdown).await;
+    let event = insert_event(&pg, chrono::Duration::seconds(2)).await;
+    let url = format!("{}/api/v1/organizer/events/{event}/sale", app.url());
+    let http = reqwest::Client::new();
+
+    assert_eq!(http.get(&url).send().await.expect("request").status(), 401);
+    let current: Value = http
+        .get(&url)
+        .bearer_auth(ORGANIZER)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+
+    // A value that breaks a rule: 422 naming the field; nothing changes.
+    let mut bad = current.clone();
+    bad["seats_per_fan"] = serde_json::json!(0);
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&bad)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 422);
+    let error: Value = answer.json().await.expect("json");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("seats_per_fan")),
+        "{error}"
+    );
+
+    // Presale is open: its opening can no longer move (409); the rate can.
+    let mut moved = current.clone();
+    moved["presale_opens_at"] = serde_json::json!(Utc::now() + chrono::Duration::seconds(1));
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&moved)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 409);
+    let mut faster = current.clone();
+    faster["rate_per_minute"] = serde_json::json!(120);
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&faster)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 200);
+
+    // After the draw, the sale's start is history.
+    eventually("the draw", || async {
+        sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
+            .bind(event)
+            .fetch_optional(&pg)
+            .await
+            .expect("query")
+            == Some(true)
+    })
+    .await;
+    let mut later = faster.clone();
+    later["sale_starts_at"] = serde_json::json!(Utc::now() + chrono::Duration::minutes(5));
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&later)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 409);
+    let error: Value = answer.json().await.expect("json");
+    assert_eq!(error["error"], "draw_done");
+
+    let stored: Value = http
+        .get(&url)
+        .bearer_auth(ORGANIZER)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stored["rate_per_minute"], 120);
+    assert_eq!(stored["sale_starts_at"], current["sale_starts_at"]);
+
+    pg.close().await;
+    app.stop().await.expect("stop");
     env.cleanup().await;
 }
