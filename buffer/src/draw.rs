@@ -3,9 +3,11 @@
 //! commitment is published from presale; the seed and the resulting order after the draw.
 //!
 //! Exactly once: the draw runs in one Postgres transaction holding the event's exclusive advisory
-//! lock (joins hold it shared), and only if `draws.drawn_at` is still null. A crash before commit
-//! leaves nothing; after commit, the Redis queue is (re)built from Postgres by whoever notices it
-//! missing, so a crash between the two is repaired by the next scheduler tick.
+//! lock (joins hold it shared), and only if `draws.drawn_at` is still null. What it records is
+//! the seed and the number of entrants: the order is a pure function of the seed and the presale
+//! entrants, which the lock freezes, so it is recomputed wherever it is needed (the Redis queue,
+//! a rebuild after Redis lost it, the publication) instead of writing a million positions back.
+//! A crash after commit is repaired by whoever finds the Redis queue missing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,6 @@ use shared::event::{SaleEvent, SalePhase};
 use shared::extract::{Json, Path};
 use shared::ids::{EventId, Seed};
 use shared::ApiError;
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
@@ -31,17 +32,30 @@ use crate::{queue_store, AppState};
 /// Advisory-lock class of "the draw of event N" (the second key is the event id).
 pub(crate) const DRAW_LOCK_CLASS: i32 = 0x6667_0001;
 
-/// Commitments never change once created, so each instance remembers them.
+/// What each instance remembers about draws: commitments and computed orders never change once
+/// made; publishing to Redis is done by one task at a time per instance.
 #[derive(Clone, Default)]
-pub struct CommitmentCache(Arc<Mutex<HashMap<EventId, [u8; 32]>>>);
+pub struct DrawCache {
+    commitments: Arc<Mutex<HashMap<EventId, [u8; 32]>>>,
+    orders: Arc<Mutex<HashMap<EventId, Arc<Vec<Uuid>>>>>,
+    publishing: Arc<tokio::sync::Mutex<()>>,
+}
 
-impl CommitmentCache {
-    fn get(&self, event: EventId) -> Option<[u8; 32]> {
-        self.0.lock().ok()?.get(&event).copied()
+impl DrawCache {
+    fn commitment(&self, event: EventId) -> Option<[u8; 32]> {
+        self.commitments.lock().ok()?.get(&event).copied()
     }
-    fn put(&self, event: EventId, commitment: [u8; 32]) {
-        if let Ok(mut map) = self.0.lock() {
+    fn put_commitment(&self, event: EventId, commitment: [u8; 32]) {
+        if let Ok(mut map) = self.commitments.lock() {
             map.insert(event, commitment);
+        }
+    }
+    fn order(&self, event: EventId) -> Option<Arc<Vec<Uuid>>> {
+        self.orders.lock().ok()?.get(&event).cloned()
+    }
+    fn put_order(&self, event: EventId, order: Arc<Vec<Uuid>>) {
+        if let Ok(mut map) = self.orders.lock() {
+            map.insert(event, order);
         }
     }
 }
@@ -52,7 +66,7 @@ pub fn router() -> Router<AppState> {
 
 /// The event's draw commitment, creating the secret seed on first use.
 pub async fn ensure_commitment(state: &AppState, event: EventId) -> Result<[u8; 32], ApiError> {
-    if let Some(c) = state.commitments.get(event) {
+    if let Some(c) = state.draws.commitment(event) {
         return Ok(c);
     }
     let seed = Seed::generate();
@@ -73,7 +87,7 @@ pub async fn ensure_commitment(state: &AppState, event: EventId) -> Result<[u8; 
     let commitment: [u8; 32] = stored
         .try_into()
         .map_err(|_| ApiError::internal("stored commitment is not 32 bytes"))?;
-    state.commitments.put(event, commitment);
+    state.draws.put_commitment(event, commitment);
     Ok(commitment)
 }
 
@@ -97,36 +111,73 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
         return Ok(None);
     }
     let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
-    let mut entrants: Vec<Uuid> =
+    let entrants: Vec<Uuid> =
         sqlx::query_scalar("SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'")
             .bind(event.get())
             .fetch_all(&mut *tx)
             .await?;
-    let entrants = tokio::task::spawn_blocking(move || {
-        shared::draw::draw_order(&seed, &mut entrants);
-        entrants
-    })
-    .await
-    .map_err(ApiError::internal)?;
-    let positions: Vec<i64> = (1..=entrants.len() as i64).collect();
-    sqlx::query(
-        "UPDATE joins SET position = u.position
-         FROM UNNEST($1::uuid[], $2::bigint[]) AS u(ticket_id, position)
-         WHERE joins.ticket_id = u.ticket_id",
-    )
-    .bind(&entrants)
-    .bind(&positions)
-    .execute(&mut *tx)
-    .await?;
     sqlx::query("UPDATE draws SET drawn_at = now(), entrants = $2 WHERE event_id = $1")
         .bind(event.get())
         .bind(entrants.len() as i64)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    tracing::info!(entrants = entrants.len(), "draw committed");
-    queue_store::publish(&state.pg, &state.redis, event).await?;
-    Ok(Some(entrants.len()))
+    let count = entrants.len();
+    tracing::info!(entrants = count, "draw committed");
+    let order = shuffle(seed, entrants).await?;
+    state.draws.put_order(event, order.clone());
+    publish_order(state, event, &order).await?;
+    Ok(Some(count))
+}
+
+async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<Vec<Uuid>>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        shared::draw::draw_order(&seed, &mut entrants);
+        Arc::new(entrants)
+    })
+    .await
+    .map_err(ApiError::internal)
+}
+
+/// The order of a committed draw (position 1 first), recomputed from Postgres on first use;
+/// `None` before the draw.
+pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<Vec<Uuid>>>, ApiError> {
+    if let Some(order) = state.draws.order(event) {
+        return Ok(Some(order));
+    }
+    let row: Option<(Vec<u8>, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT seed, drawn_at FROM draws WHERE event_id = $1")
+            .bind(event.get())
+            .fetch_optional(&state.pg)
+            .await?;
+    let Some((seed, Some(_))) = row else {
+        return Ok(None);
+    };
+    let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
+    let entrants: Vec<Uuid> =
+        sqlx::query_scalar("SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'")
+            .bind(event.get())
+            .fetch_all(&state.pg)
+            .await?;
+    let order = shuffle(seed, entrants).await?;
+    state.draws.put_order(event, order.clone());
+    Ok(Some(order))
+}
+
+/// Makes sure the committed draw's queue is in Redis (after the draw, or after Redis lost it).
+pub async fn ensure_published(state: &AppState, event: EventId) -> Result<(), ApiError> {
+    let order = order(state, event)
+        .await?
+        .ok_or_else(|| ApiError::Conflict("draw_pending", "the draw has not run yet".into()))?;
+    publish_order(state, event, &order).await
+}
+
+async fn publish_order(state: &AppState, event: EventId, order: &[Uuid]) -> Result<(), ApiError> {
+    // One publisher per instance: live joins arriving while the queue is missing wait here
+    // rather than each rebuilding it.
+    let _publishing = state.draws.publishing.lock().await;
+    queue_store::publish(&state.pg, &state.redis, event, order).await?;
+    Ok(())
 }
 
 pub(crate) fn event_lock_key(event: EventId) -> i32 {
@@ -181,8 +232,9 @@ async fn scheduler_tick(state: &AppState) -> Result<(), ApiError> {
             .client()
             .exists(state.redis.keys(id).drawn())
             .await?;
-        if present == 0 && queue_store::publish(&state.pg, &state.redis, id).await? {
-            tracing::warn!(event = %id, "redis queue was missing; rebuilt from postgres");
+        if present == 0 {
+            tracing::warn!(event = %id, "redis queue is missing; rebuilding it from postgres");
+            ensure_published(state, id).await?;
         }
     }
     Ok(())
@@ -238,17 +290,7 @@ async fn published_draw(
         published.seed = Some(hex::encode(seed));
         published.drawn_at = drawn_at;
         published.entrants = entrants;
-        published.order = Some(order_of(&state.pg, event_id).await?);
+        published.order = order(&state, event_id).await?.map(|o| o.to_vec());
     }
     Ok(Json(published))
-}
-
-async fn order_of(pg: &PgPool, event: EventId) -> Result<Vec<Uuid>, ApiError> {
-    Ok(sqlx::query_scalar(
-        "SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'
-         ORDER BY position",
-    )
-    .bind(event.get())
-    .fetch_all(pg)
-    .await?)
 }

@@ -189,7 +189,7 @@ async fn join(
     let ticket = TicketId(row.ticket_id);
     let mut position = row.position;
     if position.is_none() && row.phase == "live" {
-        let assigned = queue_store::append(&state.pg, &state.redis, event_id, ticket).await?;
+        let assigned = live_position(&state, event_id, ticket).await?;
         sqlx::query("UPDATE joins SET position = $2 WHERE ticket_id = $1 AND position IS NULL")
             .bind(ticket.0)
             .bind(assigned.get())
@@ -221,6 +221,23 @@ async fn join(
     };
     metrics::counter!("buffer_joins_total", "resumed" => resumed.to_string()).increment(1);
     Ok((status, Json(response)))
+}
+
+/// A live arrival's place at the back, putting the draw's queue in Redis first if needed.
+async fn live_position(
+    state: &AppState,
+    event: EventId,
+    ticket: TicketId,
+) -> Result<shared::ids::Position, ApiError> {
+    for _ in 0..3 {
+        if let Some(position) = queue_store::append(&state.redis, event, ticket).await? {
+            return Ok(position);
+        }
+        crate::draw::ensure_published(state, event).await?;
+    }
+    Err(ApiError::internal(
+        "the queue is still missing in redis after publishing it",
+    ))
 }
 
 async fn existing_join(state: &AppState, ticket: TicketId) -> Result<JoinRow, ApiError> {

@@ -34,7 +34,7 @@ pub struct AppState {
     pub signer: Signer,
     pub verifier: Verifier,
     pub limits: join::JoinLimits,
-    pub commitments: draw::CommitmentCache,
+    pub draws: draw::DrawCache,
     pub organizer: RoleToken,
     pub identities: Option<identity::IdentityVerifier>,
 }
@@ -72,7 +72,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         verifier: signer.verifier(),
         signer,
         limits: join::JoinLimits::new(&config),
-        commitments: draw::CommitmentCache::default(),
+        draws: draw::DrawCache::default(),
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         config: Arc::new(config),
         pg,

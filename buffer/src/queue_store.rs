@@ -7,6 +7,7 @@ use std::sync::LazyLock;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use futures::{StreamExt, TryStreamExt};
 use shared::ids::{EventId, Position, TicketId};
 use shared::redis::Redis;
 use shared::ApiError;
@@ -56,47 +57,64 @@ return position
     )
 });
 
-/// Copies every positioned join of `event` from Postgres into the Redis queue, unless the queue
-/// is already in place. Returns whether this call put it there.
-pub async fn publish(pg: &PgPool, redis: &Redis, event: EventId) -> Result<bool, ApiError> {
+/// Puts the draw's queue in Redis unless it is already there: `order` (position 1 first), then
+/// the live arrivals Postgres knows at their positions. Built aside with pipelined ZADDs and
+/// renamed into place by one script, so the queue appears whole or not at all. Returns whether
+/// this call put it there. The caller guarantees the draw has committed.
+pub async fn publish(
+    pg: &PgPool,
+    redis: &Redis,
+    event: EventId,
+    order: &[Uuid],
+) -> Result<bool, ApiError> {
     let keys = redis.keys(event);
     let client = redis.client();
     let already: i64 = client.exists(keys.drawn()).await?;
     if already == 1 {
         return Ok(false);
     }
-    // Only a committed draw may be published: marking the queue drawn before that would let the
-    // back of the line start at position 1, on top of the draw's positions.
-    let committed: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM draws WHERE event_id = $1 AND drawn_at IS NOT NULL)",
-    )
-    .bind(event.get())
-    .fetch_one(pg)
-    .await?;
-    if !committed {
-        return Err(ApiError::Conflict(
-            "draw_pending",
-            "the draw has not run yet".into(),
-        ));
-    }
-    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+    let live: Vec<(Uuid, i64)> = sqlx::query_as(
         "SELECT ticket_id, position FROM joins
-         WHERE event_id = $1 AND position IS NOT NULL ORDER BY position",
+         WHERE event_id = $1 AND phase = 'live' AND position IS NOT NULL",
     )
     .bind(event.get())
     .fetch_all(pg)
     .await?;
-    let highest = rows.last().map_or(0, |(_, p)| *p);
+    let highest = live
+        .iter()
+        .map(|(_, p)| *p)
+        .max()
+        .unwrap_or(0)
+        .max(order.len() as i64);
     let build = keys.queue_build(&Uuid::new_v4().simple().to_string());
-    for chunk in rows.chunks(ZADD_CHUNK) {
-        let members: Vec<(f64, String)> = chunk
-            .iter()
-            .map(|(ticket, position)| (*position as f64, ticket.to_string()))
-            .collect();
-        let _: i64 = client
-            .zadd(&build, None, None, false, false, members)
-            .await?;
-    }
+    let drawn = order
+        .iter()
+        .enumerate()
+        .map(|(i, ticket)| (i as i64 + 1, *ticket));
+    let members: Vec<(i64, Uuid)> = drawn.chain(live.iter().map(|(t, p)| (*p, *t))).collect();
+    // Chunks go out concurrently on the pooled connections: fred pipelines them.
+    let batches: Vec<Vec<(f64, String)>> = members
+        .chunks(ZADD_CHUNK)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|(position, ticket)| (*position as f64, ticket.to_string()))
+                .collect()
+        })
+        .collect();
+    futures::stream::iter(batches)
+        .map(|values| {
+            let client = redis.client().clone();
+            let build = build.clone();
+            async move {
+                client
+                    .zadd::<i64, _, _>(build, None, None, false, false, values)
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<i64>>()
+        .await?;
     let placed: i64 = PUBLISH
         .evalsha_with_reload(
             client,
@@ -105,35 +123,25 @@ pub async fn publish(pg: &PgPool, redis: &Redis, event: EventId) -> Result<bool,
         )
         .await?;
     if placed == 1 {
-        tracing::info!(event = %event, fans = rows.len(), "queue published to redis");
+        tracing::info!(event = %event, fans = members.len(), "queue published to redis");
     }
     Ok(placed == 1)
 }
 
 /// The back-of-the-line position of a ticket that arrived after the draw (its existing position
-/// if it already has one).
+/// if it already has one), or `None` while the draw's queue is not in Redis yet.
 pub async fn append(
-    pg: &PgPool,
     redis: &Redis,
     event: EventId,
     ticket: TicketId,
-) -> Result<Position, ApiError> {
+) -> Result<Option<Position>, ApiError> {
     let keys = redis.keys(event);
-    for _ in 0..3 {
-        let position: i64 = APPEND
-            .evalsha_with_reload(
-                redis.client(),
-                vec![keys.queue(), keys.tail(), keys.drawn()],
-                vec![ticket.to_string()],
-            )
-            .await?;
-        if let Some(p) = Position::new(position) {
-            return Ok(p);
-        }
-        // The draw committed in Postgres but its queue is not in Redis yet: put it there.
-        publish(pg, redis, event).await?;
-    }
-    Err(ApiError::internal(
-        "queue still missing in redis after publishing it",
-    ))
+    let position: i64 = APPEND
+        .evalsha_with_reload(
+            redis.client(),
+            vec![keys.queue(), keys.tail(), keys.drawn()],
+            vec![ticket.to_string()],
+        )
+        .await?;
+    Ok(Position::new(position))
 }

@@ -58,10 +58,17 @@ const CHECKS: &[(&str, &str)] = &[
                                GROUP BY identity HAVING count(*) > 1) AS doubled",
     ),
     (
-        "positions_dense_and_unique",
-        "SELECT CASE WHEN count(position) = count(DISTINCT position)
-                      AND COALESCE(max(position), 0) = count(position) THEN 0 ELSE 1 END::bigint
-         FROM joins WHERE event_id = $1",
+        "live_positions_follow_the_draw",
+        // Presale fans' positions are the draw's 1..N (recomputed from the seed); everyone who
+        // came later holds a unique position, and together they are exactly N+1..N+L.
+        "SELECT CASE WHEN count(j.position) = count(DISTINCT j.position)
+                      AND (count(j.position) = 0
+                           OR (min(j.position) = max(d.entrants) + 1
+                               AND max(j.position) = max(d.entrants) + count(j.position)))
+                      AND count(*) FILTER (WHERE j.phase = 'presale' AND j.position IS NOT NULL) = 0
+                 THEN 0 ELSE 1 END::bigint
+         FROM joins j JOIN draws d ON d.event_id = j.event_id
+         WHERE j.event_id = $1 AND (j.phase = 'live' OR j.position IS NOT NULL)",
     ),
     (
         "one_pass_per_ticket",

@@ -52,6 +52,17 @@ async fn insert_event_with(pg: &sqlx::PgPool, draw_in: chrono::Duration, anonymo
     .expect("event")
 }
 
+/// Redis holds exactly these positions for these tickets.
+async fn assert_queue_is(redis: &Client, queue: &str, rows: &[(Uuid, i64)]) {
+    for (ticket, position) in rows {
+        let score: Option<f64> = redis
+            .zscore(queue, ticket.to_string())
+            .await
+            .expect("zscore");
+        assert_eq!(score.map(|s| s as i64), Some(*position), "ticket {ticket}");
+    }
+}
+
 fn assertion(sub: &str, secret: &str) -> String {
     let claims = serde_json::json!({
         "sub": sub,
@@ -147,17 +158,53 @@ async fn racing_instances_draw_once_and_lose_no_join() {
             == Some(true)
     })
     .await;
-    // Late joiners get their position at once; everyone is placed.
-    let rows: Vec<(Uuid, String, Option<i64>)> =
+    // Late joiners get their position at once; presale joiners theirs from the published draw.
+    let published: Value = http
+        .get(format!("{}/api/v1/events/{event}/draw", instances[1].url()))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let order: Vec<Uuid> = serde_json::from_value(published["order"].clone()).expect("order");
+    let joined: Vec<(Uuid, String, Option<i64>)> =
         sqlx::query_as("SELECT ticket_id, phase, position FROM joins WHERE event_id = $1")
             .bind(event)
             .fetch_all(&pg)
             .await
             .expect("joins");
-    assert_eq!(rows.len(), 240, "no acknowledged join lost");
-    let stored: HashSet<Uuid> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(joined.len(), 240, "no acknowledged join lost");
+    let stored: HashSet<Uuid> = joined.iter().map(|r| r.0).collect();
     assert_eq!(stored, acknowledged);
-    let mut positions: Vec<i64> = rows.iter().map(|r| r.2.expect("placed")).collect();
+    let presale: HashSet<Uuid> = joined
+        .iter()
+        .filter(|r| r.1 == "presale")
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(
+        order.iter().copied().collect::<HashSet<_>>(),
+        presale,
+        "the draw ordered exactly the presale joins"
+    );
+    assert_eq!(published["entrants"], presale.len());
+    assert!(
+        !presale.is_empty() && presale.len() < 240,
+        "the joins straddled the draw ({} presale)",
+        presale.len()
+    );
+    let rows: Vec<(Uuid, i64)> = joined
+        .iter()
+        .map(|(ticket, phase, position)| {
+            let position = if phase == "presale" {
+                order.iter().position(|t| t == ticket).expect("drawn") as i64 + 1
+            } else {
+                position.expect("a live join is placed at once")
+            };
+            (*ticket, position)
+        })
+        .collect();
+    let mut positions: Vec<i64> = rows.iter().map(|r| r.1).collect();
     positions.sort_unstable();
     assert_eq!(
         positions,
@@ -165,37 +212,12 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         "positions dense and unique"
     );
 
-    let presale = rows.iter().filter(|r| r.1 == "presale").count() as i64;
-    let entrants: i64 = sqlx::query_scalar("SELECT entrants FROM draws WHERE event_id = $1")
-        .bind(event)
-        .fetch_one(&pg)
-        .await
-        .expect("draw");
-    assert_eq!(
-        entrants, presale,
-        "the draw ordered exactly the presale joins"
-    );
-    assert!(rows
-        .iter()
-        .filter(|r| r.1 == "presale")
-        .all(|r| r.2 <= Some(presale)));
-    assert!(
-        presale > 0 && presale < 240,
-        "the joins straddled the draw ({presale} presale)"
-    );
-
     // Redis holds the same queue as Postgres.
     let redis = redis(&env).await;
     let queue = format!("{}:{{evt:{event}}}:queue", env.redis_prefix);
     let size: i64 = redis.zcard(&queue).await.expect("zcard");
     assert_eq!(size, 240);
-    for (ticket, _, position) in &rows {
-        let score: Option<f64> = redis
-            .zscore(&queue, ticket.to_string())
-            .await
-            .expect("zscore");
-        assert_eq!(score.map(|s| s as i64), *position);
-    }
+    assert_queue_is(&redis, &queue, &rows).await;
 
     // Redis loses the queue: the scheduler rebuilds it from Postgres.
     let keys: Vec<String> = ["queue", "tail", "drawn"]
@@ -207,13 +229,7 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         redis.zcard::<i64, _>(&queue).await.expect("zcard") == 240
     })
     .await;
-    for (ticket, _, position) in &rows {
-        let score: Option<f64> = redis
-            .zscore(&queue, ticket.to_string())
-            .await
-            .expect("zscore");
-        assert_eq!(score.map(|s| s as i64), *position);
-    }
+    assert_queue_is(&redis, &queue, &rows).await;
     // And a new arrival still goes to the back, after everyone.
     let late: Value = http
         .post(format!("{}/api/v1/events/{event}/join", instances[0].url()))
