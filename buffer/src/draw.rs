@@ -96,6 +96,7 @@ pub async fn ensure_commitment(state: &AppState, event: EventId) -> Result<[u8; 
 #[instrument(skip_all, fields(event = %event))]
 pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>, ApiError> {
     ensure_commitment(state, event).await?;
+    let started = std::time::Instant::now();
     let mut tx = state.pg.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
         .bind(DRAW_LOCK_CLASS)
@@ -123,10 +124,19 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
         .await?;
     tx.commit().await?;
     let count = entrants.len();
-    tracing::info!(entrants = count, "draw committed");
+    let committed = started.elapsed();
     let order = shuffle(seed, entrants).await?;
+    let shuffled = started.elapsed();
     state.draws.put_order(event, order.clone());
     publish_order(state, event, &order).await?;
+    tracing::info!(
+        entrants = count,
+        commit_ms = committed.as_millis() as u64,
+        shuffle_ms = (shuffled - committed).as_millis() as u64,
+        publish_ms = (started.elapsed() - shuffled).as_millis() as u64,
+        "draw done"
+    );
+    metrics::histogram!("buffer_draw_seconds").record(started.elapsed().as_secs_f64());
     Ok(Some(count))
 }
 

@@ -55,9 +55,8 @@ pub fn app(state: AppState) -> Router {
     shared::server::finish(routes, backends, &common)
 }
 
-/// Connects to Postgres and Redis, binds the listener and starts the server and the draw
-/// scheduler. Port 0 in `config.bind` picks a free port (tests).
-pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+/// Connects to Postgres (migrating it) and Redis and builds the service's state.
+pub async fn connect(config: Config) -> anyhow::Result<AppState> {
     let Backends { pg, redis, .. } = Backends::connect("buffer", &config.common).await?;
     let signer = config.signing.signer(&config.common.issuer)?;
     let identities = match &config.identity_secret {
@@ -67,7 +66,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         )?),
         None => None,
     };
-    let state = AppState {
+    Ok(AppState {
         identities,
         verifier: signer.verifier(),
         signer,
@@ -77,7 +76,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config: Arc::new(config),
         pg,
         redis,
-    };
+    })
+}
+
+/// Connects, binds the listener and starts the server and the draw scheduler. Port 0 in
+/// `config.bind` picks a free port (tests).
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    let state = connect(config).await?;
     let listener = TcpListener::bind(state.config.bind).await?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "buffer service listening");
