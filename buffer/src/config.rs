@@ -28,6 +28,10 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_JOIN_LIMIT_PER_IP", default_value_t = 600)]
     pub join_limit_per_ip: u32,
 
+    /// Tasks writing joins to Postgres in batches (one transaction per batch each).
+    #[arg(long, env = "FAIRGATE_JOIN_WRITERS", default_value_t = 4)]
+    pub join_writers: usize,
+
     /// Joins allowed per fan identity per minute (asserted identities and resumed tickets).
     #[arg(long, env = "FAIRGATE_JOIN_LIMIT_PER_IDENTITY", default_value_t = 60)]
     pub join_limit_per_identity: u32,

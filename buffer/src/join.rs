@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::draw::{ensure_commitment, event_lock_key, DRAW_LOCK_CLASS};
+use crate::draw::ensure_commitment;
+use crate::ingest::JoinRow;
 use crate::{queue_store, AppState, Config};
 
 pub fn router() -> Router<AppState> {
@@ -113,15 +114,6 @@ pub struct JoinResponse {
     pub resumed: bool,
 }
 
-#[derive(sqlx::FromRow)]
-struct JoinRow {
-    ticket_id: Uuid,
-    identity: String,
-    joined_at: DateTime<Utc>,
-    position: Option<i64>,
-    phase: String,
-}
-
 #[instrument(skip_all, fields(event = id))]
 async fn join(
     State(state): State<AppState>,
@@ -133,7 +125,7 @@ async fn join(
         limit.check(&peer.ip())?;
     }
     let event_id = EventId::from_path(id)?;
-    let event = SaleEvent::load(&state.pg, event_id).await?;
+    let event = state.events.get(&state.pg, event_id).await?;
     match event.phase(Utc::now()) {
         SalePhase::NotOpen => {
             return Err(ApiError::TooEarly(
@@ -172,7 +164,10 @@ async fn join(
             })?;
             let identity = verifier.verify(assertion, event_id)?;
             state.limits.check_identity(identity.as_str())?;
-            insert_join(&state, event_id, TicketId::random(), &identity).await?
+            state
+                .writer
+                .join(event_id, TicketId::random(), identity)
+                .await?
         }
         (None, None) => {
             if !event.anonymous_allowed {
@@ -182,7 +177,10 @@ async fn join(
                 ));
             }
             let ticket = TicketId::random();
-            insert_join(&state, event_id, ticket, &Identity::anonymous(ticket)).await?
+            state
+                .writer
+                .join(event_id, ticket, Identity::anonymous(ticket))
+                .await?
         }
     };
 
@@ -242,7 +240,8 @@ async fn live_position(
 
 async fn existing_join(state: &AppState, ticket: TicketId) -> Result<JoinRow, ApiError> {
     sqlx::query_as::<_, JoinRow>(
-        "SELECT ticket_id, identity, joined_at, position, phase FROM joins WHERE ticket_id = $1",
+        "SELECT ticket_id, event_id, identity, joined_at, position, phase FROM joins
+         WHERE ticket_id = $1",
     )
     .bind(ticket.0)
     .fetch_optional(&state.pg)
@@ -253,55 +252,6 @@ async fn existing_join(state: &AppState, ticket: TicketId) -> Result<JoinRow, Ap
             "this ticket's place no longer exists".into(),
         )
     })
-}
-
-/// Records the join durably. The shared advisory lock orders it against the draw: a join
-/// committed before the draw takes its exclusive lock is in the draw; one after is live.
-async fn insert_join(
-    state: &AppState,
-    event: EventId,
-    ticket: TicketId,
-    identity: &Identity,
-) -> Result<(JoinRow, bool), ApiError> {
-    let mut tx = state.pg.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
-        .bind(DRAW_LOCK_CLASS)
-        .bind(event_lock_key(event))
-        .execute(&mut *tx)
-        .await?;
-    let drawn: bool = sqlx::query_scalar(
-        "SELECT COALESCE((SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1), false)",
-    )
-    .bind(event.get())
-    .fetch_one(&mut *tx)
-    .await?;
-    let inserted = sqlx::query_as::<_, JoinRow>(
-        "INSERT INTO joins (ticket_id, event_id, identity, phase) VALUES ($1, $2, $3, $4)
-         ON CONFLICT ON CONSTRAINT joins_one_per_identity DO NOTHING
-         RETURNING ticket_id, identity, joined_at, position, phase",
-    )
-    .bind(ticket.0)
-    .bind(event.get())
-    .bind(identity.as_str())
-    .bind(if drawn { "live" } else { "presale" })
-    .fetch_optional(&mut *tx)
-    .await?;
-    let result = match inserted {
-        Some(row) => (row, false),
-        None => {
-            let row = sqlx::query_as::<_, JoinRow>(
-                "SELECT ticket_id, identity, joined_at, position, phase FROM joins
-                 WHERE event_id = $1 AND identity = $2",
-            )
-            .bind(event.get())
-            .bind(identity.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-            (row, true)
-        }
-    };
-    tx.commit().await?;
-    Ok(result)
 }
 
 fn sign_ticket(

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod draw;
 pub mod identity;
+pub mod ingest;
 pub mod join;
 mod queue_store;
 pub mod window;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub draws: draw::DrawCache,
     pub organizer: RoleToken,
     pub identities: Option<identity::IdentityVerifier>,
+    pub writer: ingest::JoinWriter,
+    pub events: shared::event::EventCache,
 }
 
 /// All routes of the service, with the shared layers.
@@ -55,8 +58,9 @@ pub fn app(state: AppState) -> Router {
     shared::server::finish(routes, backends, &common)
 }
 
-/// Connects to Postgres (migrating it) and Redis and builds the service's state.
-pub async fn connect(config: Config) -> anyhow::Result<AppState> {
+/// Connects to Postgres (migrating it) and Redis and builds the service's state; its join
+/// writers stop with `shutdown`.
+pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Result<AppState> {
     let Backends { pg, redis, .. } = Backends::connect("buffer", &config.common).await?;
     let signer = config.signing.signer(&config.common.issuer)?;
     let identities = match &config.identity_secret {
@@ -68,6 +72,8 @@ pub async fn connect(config: Config) -> anyhow::Result<AppState> {
     };
     Ok(AppState {
         identities,
+        writer: ingest::JoinWriter::start(pg.clone(), config.join_writers, shutdown),
+        events: shared::event::EventCache::default(),
         verifier: signer.verifier(),
         signer,
         limits: join::JoinLimits::new(&config),
@@ -82,7 +88,7 @@ pub async fn connect(config: Config) -> anyhow::Result<AppState> {
 /// Connects, binds the listener and starts the server and the draw scheduler. Port 0 in
 /// `config.bind` picks a free port (tests).
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
-    let state = connect(config).await?;
+    let state = connect(config, shutdown.clone()).await?;
     let listener = TcpListener::bind(state.config.bind).await?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "buffer service listening");

@@ -87,6 +87,7 @@ async fn update_window(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    state.events.forget(event_id);
     tracing::info!(event = id, "sale window updated");
     Ok(Json(next))
 }

@@ -1,6 +1,10 @@
 //! The sale settings of an event as every service reads them from Postgres, and where "now"
 //! falls in its sale window.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -163,6 +167,43 @@ impl From<&SaleEvent> for SaleSettings {
             claim_window_secs: e.claim_window_secs,
             seats_per_fan: e.seats_per_fan,
             anonymous_allowed: e.anonymous_allowed,
+        }
+    }
+}
+
+/// Event settings remembered for a short while, so a burst of joins does not read the same row
+/// thousands of times a second. A change made elsewhere is seen within [`EventCache::TTL`].
+#[derive(Clone, Default)]
+pub struct EventCache {
+    entries: Arc<Mutex<HashMap<EventId, Cached>>>,
+}
+
+/// When an event was read, and what.
+type Cached = (Instant, Arc<SaleEvent>);
+
+impl EventCache {
+    pub const TTL: Duration = Duration::from_secs(1);
+
+    pub async fn get(&self, pg: &PgPool, id: EventId) -> Result<Arc<SaleEvent>, ApiError> {
+        if let Ok(entries) = self.entries.lock() {
+            if let Some((at, event)) = entries.get(&id) {
+                if at.elapsed() < Self::TTL {
+                    return Ok(event.clone());
+                }
+            }
+        }
+        let event = Arc::new(SaleEvent::load(pg, id).await?);
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, (at, _)| at.elapsed() < Self::TTL);
+            entries.insert(id, (Instant::now(), event.clone()));
+        }
+        Ok(event)
+    }
+
+    /// Forgets an event this instance has just changed.
+    pub fn forget(&self, id: EventId) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(&id);
         }
     }
 }

@@ -1,6 +1,10 @@
-//! Signed tokens: the fan's queue ticket, the join receipt and the pass. All are JWTs signed with
-//! Ed25519 (EdDSA) and carry a `kid` naming the key and a `typ` naming the kind of token, so a
-//! ticket can never be presented as a pass. Verifiers pin the algorithm, pick the key by `kid`
+//! Signed tokens: the fan's queue ticket, the join receipt and the pass. All are JWTs carrying a
+//! `kid` naming the key and a `typ` naming the kind of token, so a ticket can never be presented
+//! as a pass. Receipts and passes, which others verify (fans, the purchase service), are signed
+//! with Ed25519 (EdDSA) and checked against the public keys at `/.well-known/jwks.json`. Queue
+//! tickets are only ever checked by fairgate's own buffer and queue, which hold the signing key
+//! anyway, so they are HMAC-SHA256 (HS256) under a key derived from it: a join then costs one
+//! public-key signature, not two. Verifiers pin the algorithm, pick the key by `kid`
 //! from their own key set (never from the token), require every claim, check `iss`, `aud`,
 //! `exp` and `nbf`, and allow only [`LEEWAY_SECS`] of clock skew — stricter than the
 //! jsonwebtoken crate's defaults (60 s leeway, `iss`/`aud`/`sub` optional).
@@ -11,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use ring::signature::KeyPair;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -50,6 +54,20 @@ impl TokenKind {
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    fn algorithm(self) -> Algorithm {
+        match self {
+            TokenKind::Ticket => Algorithm::HS256,
+            TokenKind::Receipt | TokenKind::Pass => Algorithm::EdDSA,
+        }
+    }
+
+    fn alg_name(self) -> &'static str {
+        match self.algorithm() {
+            Algorithm::HS256 => "HS256",
+            _ => "EdDSA",
+        }
     }
 }
 
@@ -100,8 +118,12 @@ pub struct PassClaims {
 /// An Ed25519 private key with its key id.
 pub struct SigningKey {
     kid: String,
-    encoding: EncodingKey,
+    pair: ring::signature::Ed25519KeyPair,
     public: [u8; 32],
+    /// HS256 key of queue tickets, derived from the seed.
+    ticket_secret: [u8; 32],
+    /// The encoded JWT header of each kind of token (fixed per key).
+    headers: [String; 3],
 }
 
 impl SigningKey {
@@ -114,14 +136,26 @@ impl SigningKey {
             .as_ref()
             .try_into()
             .map_err(|_| anyhow::anyhow!("unexpected Ed25519 public key length"))?;
-        // PKCS#8 v1 wrapping of the seed, the form jsonwebtoken/ring load.
-        let mut der = hex::decode("302e020100300506032b657004220420")?;
-        der.extend_from_slice(seed);
         let kid = hex::encode(&sha2::Sha256::digest(public)[..8]);
+        let mut derive = sha2::Sha256::new();
+        derive.update(b"fairgate ticket hmac v1");
+        derive.update(seed);
+        let ticket_secret: [u8; 32] = derive.finalize().into();
+        let header = |kind: TokenKind| {
+            let json = serde_json::json!({ "typ": kind.typ(), "alg": kind.alg_name(), "kid": kid });
+            URL_SAFE_NO_PAD.encode(json.to_string())
+        };
+        let headers = [
+            header(TokenKind::Ticket),
+            header(TokenKind::Receipt),
+            header(TokenKind::Pass),
+        ];
         Ok(SigningKey {
-            kid,
-            encoding: EncodingKey::from_ed_der(&der),
+            pair,
             public,
+            ticket_secret,
+            headers,
+            kid,
         })
     }
 
@@ -229,20 +263,40 @@ impl Signer {
         }
     }
 
-    /// A verifier trusting this signer's key (for services that hold the key anyway).
+    /// A verifier trusting this signer's key, tickets included (for the services that hold the
+    /// key anyway).
     pub fn verifier(&self) -> Verifier {
         let verifier = Verifier::new(self.issuer.clone());
         verifier
             .add_jwks(&self.jwks())
             .expect("our own JWK is well formed");
+        if let Ok(mut keys) = verifier.ticket_keys.write() {
+            keys.insert(
+                self.key.kid.clone(),
+                DecodingKey::from_secret(&self.key.ticket_secret),
+            );
+        }
         verifier
     }
 
+    /// A compact JWS (RFC 7515) of `claims`, signed directly with the prepared key: the
+    /// jsonwebtoken crate would re-derive the Ed25519 key pair on every signature.
     pub fn sign<T: Serialize>(&self, kind: TokenKind, claims: &T) -> Result<String, ApiError> {
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.key.kid.clone());
-        header.typ = Some(kind.typ().to_owned());
-        jsonwebtoken::encode(&header, claims, &self.key.encoding).map_err(ApiError::internal)
+        let payload = serde_json::to_vec(claims).map_err(ApiError::internal)?;
+        let mut token = String::with_capacity(64 + payload.len() * 4 / 3 + 90);
+        token.push_str(&self.key.headers[kind.index()]);
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        let signature = match kind.algorithm() {
+            Algorithm::HS256 => {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.ticket_secret);
+                ring::hmac::sign(&key, token.as_bytes()).as_ref().to_vec()
+            }
+            _ => self.key.pair.sign(token.as_bytes()).as_ref().to_vec(),
+        };
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
+        Ok(token)
     }
 }
 
@@ -337,6 +391,7 @@ fn kind_name(kind: TokenKind) -> &'static str {
 #[derive(Clone)]
 pub struct Verifier {
     keys: Arc<RwLock<HashMap<String, DecodingKey>>>,
+    ticket_keys: Arc<RwLock<HashMap<String, DecodingKey>>>,
     issuer: String,
 }
 
@@ -344,6 +399,7 @@ impl Verifier {
     pub fn new(issuer: impl Into<String>) -> Self {
         Verifier {
             keys: Arc::default(),
+            ticket_keys: Arc::default(),
             issuer: issuer.into(),
         }
     }
@@ -392,15 +448,19 @@ impl Verifier {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if header.alg != Algorithm::EdDSA || header.typ.as_deref() != Some(kind.typ()) {
+        if header.alg != kind.algorithm() || header.typ.as_deref() != Some(kind.typ()) {
             return Err(TokenError::WrongType);
         }
         let kid = header.kid.ok_or(TokenError::UnknownKey)?;
         let key = {
-            let keys = self.keys.read().map_err(|_| TokenError::UnknownKey)?;
+            let keys = match kind {
+                TokenKind::Ticket => &self.ticket_keys,
+                TokenKind::Receipt | TokenKind::Pass => &self.keys,
+            };
+            let keys = keys.read().map_err(|_| TokenError::UnknownKey)?;
             keys.get(&kid).cloned().ok_or(TokenError::UnknownKey)?
         };
-        let mut validation = Validation::new(Algorithm::EdDSA);
+        let mut validation = Validation::new(kind.algorithm());
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -550,6 +610,59 @@ mod tests {
         assert_eq!(
             verifier.verify_pass(&wrong_aud, evt),
             Err(TokenError::WrongAudience)
+        );
+    }
+
+    #[test]
+    fn tickets_verify_only_where_the_signing_key_is_held() {
+        let signer = signer();
+        let now = chrono::Utc::now().timestamp();
+        let evt = EventId::new(3).expect("positive");
+        let claims = TicketClaims {
+            iss: "fairgate".into(),
+            aud: TokenKind::Ticket.audience().into(),
+            sub: "anon:x".into(),
+            evt,
+            tkt: TicketId::random(),
+            iat: now,
+            nbf: now,
+            exp: now + 600,
+        };
+        let ticket = signer.sign(TokenKind::Ticket, &claims).expect("sign");
+        assert_eq!(signer.verifier().verify_ticket(&ticket, evt), Ok(claims));
+        // A service that only has the public keys (the purchase service) cannot accept tickets.
+        let public_only = Verifier::new("fairgate");
+        public_only.add_jwks(&signer.jwks()).expect("jwks");
+        assert_eq!(
+            public_only.verify_ticket(&ticket, evt),
+            Err(TokenError::UnknownKey)
+        );
+        // Another deployment's ticket key is unknown here.
+        assert_eq!(
+            self::signer().verifier().verify_ticket(&ticket, evt),
+            Err(TokenError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn a_pass_forged_with_hs256_and_the_public_key_is_refused() {
+        // The classic algorithm-confusion attack: HMAC keyed with the (public) Ed25519 key.
+        let signer = signer();
+        let claims = pass(&signer, 1, 600);
+        let jwk = signer.jwks().keys[0].clone();
+        let public = URL_SAFE_NO_PAD.decode(&jwk.x).expect("b64");
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some(jwk.kid);
+        header.typ = Some(TokenKind::Pass.typ().into());
+        let forged = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&public),
+        )
+        .expect("sign");
+        assert_eq!(
+            signer.verifier().verify_pass(&forged, claims.evt),
+            Err(TokenError::WrongType)
         );
     }
 

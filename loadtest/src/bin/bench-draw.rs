@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     config.common.redis_url = args.redis_url.clone();
     config.common.redis_prefix = prefix.clone();
     config.signing.signing_key = Some(hex::encode(shared::token::random_seed()));
-    let state = buffer::connect(config).await?;
+    let state = buffer::connect(config, tokio_util::sync::CancellationToken::new()).await?;
 
     let now = Utc::now();
     let event: i64 = sqlx::query_scalar(

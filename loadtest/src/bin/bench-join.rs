@@ -1,0 +1,309 @@
+//! `bench-join`: joins per second accepted by a real buffer process (HTTP, Redis, durable record
+//! in Postgres), next to two primitives measured in the same run with the same load generator:
+//! a bare axum handler doing one Redis call, and `redis-benchmark`'s ZADD. The brief's target:
+//! the buffer reaches at least 50% of the bare handler.
+//!
+//! The buffer and the bare handler run as separate processes (this binary started again with
+//! `--serve-bare`), so the load generator does not share their runtime.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::routing::post;
+use chrono::Utc;
+use clap::Parser;
+use fred::prelude::*;
+use hdrhistogram::Histogram;
+
+/// Measure join throughput against the raw primitives, same run.
+#[derive(Parser)]
+#[command(name = "bench-join", version)]
+struct Args {
+    /// Joins to send to each target.
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Postgres URL (the buffer's database).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
+    )]
+    database_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Port of the buffer process the bench starts.
+    #[arg(long, default_value_t = 18081)]
+    buffer_port: u16,
+    /// Port of the bare axum handler the bench starts.
+    #[arg(long, default_value_t = 18090)]
+    bare_port: u16,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Internal: serve the bare handler on this address (one Redis INCR per request).
+    #[arg(long, hide = true)]
+    serve_bare: Option<std::net::SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(addr) = args.serve_bare {
+        return serve_bare(addr, &args.redis_url).await;
+    }
+    let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
+    let pg = shared::db::connect_url(&args.database_url, 2).await?;
+    shared::db::migrate(&pg).await?;
+    let now = Utc::now();
+    let event: i64 = sqlx::query_scalar(
+        "INSERT INTO events (name, starts_at, presale_opens_at, sale_starts_at, sale_ends_at,
+             rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan)
+         VALUES ('bench-join', $1, $2, $3, $4, 60, 10, 600, 60, 2) RETURNING id",
+    )
+    .bind(now + chrono::Duration::days(30))
+    .bind(now - chrono::Duration::minutes(1))
+    .bind(now + chrono::Duration::days(1))
+    .bind(now + chrono::Duration::days(2))
+    .fetch_one(&pg)
+    .await?;
+
+    let redis_rps = redis_benchmark_zadd(&args.redis_url, args.requests)?;
+
+    let exe = std::env::current_exe()?;
+    let bare_addr = format!("127.0.0.1:{}", args.bare_port);
+    let bare = Guard(
+        Command::new(&exe)
+            .args(["--serve-bare", &bare_addr, "--redis-url", &args.redis_url])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let buffer_exe = exe.with_file_name("buffer");
+    let buffer_addr = format!("127.0.0.1:{}", args.buffer_port);
+    let buffer = Guard(
+        Command::new(&buffer_exe)
+            .env("FAIRGATE_BUFFER_BIND", &buffer_addr)
+            .env("DATABASE_URL", &args.database_url)
+            .env("REDIS_URL", &args.redis_url)
+            .env("FAIRGATE_REDIS_PREFIX", &prefix)
+            .env(
+                "FAIRGATE_SIGNING_KEY",
+                hex::encode(shared::token::random_seed()),
+            )
+            .env("FAIRGATE_JOIN_LIMIT_PER_IP", "0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release first)",
+                    buffer_exe.display()
+                )
+            })?,
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+    wait_ready(&http, &format!("http://{bare_addr}/healthz")).await?;
+    wait_ready(&http, &format!("http://{buffer_addr}/readyz")).await?;
+
+    let bare_run = load(
+        &http,
+        &format!("http://{bare_addr}/join"),
+        args.requests,
+        args.concurrency,
+    )
+    .await;
+    let join_run = load(
+        &http,
+        &format!("http://{buffer_addr}/api/v1/events/{event}/join"),
+        args.requests,
+        args.concurrency,
+    )
+    .await;
+    drop(buffer);
+    drop(bare);
+
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM joins WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(&pg)
+        .await?;
+    let ratio = join_run.rps / bare_run.rps;
+    println!(
+        "requests per target        {} ({} in flight)",
+        args.requests, args.concurrency
+    );
+    println!("redis-benchmark ZADD       {redis_rps:>9.0} /s");
+    println!(
+        "bare axum + 1 Redis call   {:>9.0} /s   p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        bare_run.rps, bare_run.p50_ms, bare_run.p99_ms, bare_run.errors
+    );
+    println!(
+        "fairgate join (durable)    {:>9.0} /s   p50 {:.2} ms  p99 {:.2} ms  errors {}",
+        join_run.rps, join_run.p50_ms, join_run.p99_ms, join_run.errors
+    );
+    println!("joins stored in Postgres   {stored}");
+    println!("ratio join / bare          {:.2} (target ≥ 0.50)", ratio);
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "requests": args.requests,
+                "concurrency": args.concurrency,
+                "redis_benchmark_zadd_rps": redis_rps,
+                "bare_axum_redis_rps": bare_run.rps,
+                "join_rps": join_run.rps,
+                "join_p50_ms": join_run.p50_ms,
+                "join_p99_ms": join_run.p99_ms,
+                "join_errors": join_run.errors,
+                "joins_stored": stored,
+                "ratio": ratio,
+                "target_ratio": 0.5,
+            }))?,
+        )?;
+    }
+    sqlx::query("DELETE FROM events WHERE id = $1")
+        .bind(event)
+        .execute(&pg)
+        .await?;
+    let client = Builder::from_config(Config::from_url(&args.redis_url)?).build()?;
+    client.init().await?;
+    let _: i64 = client.del("bench:bare:counter").await?;
+    anyhow::ensure!(
+        stored as u64 == args.requests - join_run.errors,
+        "a join was lost"
+    );
+    Ok(())
+}
+
+/// Kills a child process when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn load(http: &reqwest::Client, url: &str, requests: u64, concurrency: usize) -> Run {
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (http, url, next, errors) =
+            (http.clone(), url.to_owned(), next.clone(), errors.clone());
+        workers.spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            while next.fetch_add(1, Ordering::Relaxed) < requests {
+                let t = Instant::now();
+                let ok = match http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            h
+        });
+    }
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    while let Some(Ok(h)) = workers.join_next().await {
+        let _ = all.add(&h);
+    }
+    Run {
+        rps: requests as f64 / started.elapsed().as_secs_f64(),
+        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{url} never became ready")
+}
+
+fn redis_benchmark_zadd(url: &str, requests: u64) -> anyhow::Result<f64> {
+    let config = Config::from_url(url)?;
+    let (host, port) = match &config.server {
+        ServerConfig::Centralized { server } => (server.host.to_string(), server.port),
+        _ => anyhow::bail!("redis-benchmark needs a single Redis server"),
+    };
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            &host,
+            "-p",
+            &port.to_string(),
+            "-t",
+            "zadd",
+            "-c",
+            "50",
+            "-q",
+        ])
+        .args(["-n", &requests.to_string()])
+        .output()
+        .context("running redis-benchmark (apt-get install redis-tools)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // e.g. "ZADD: 123456.79 requests per second, p50=0.199 msec"
+    let line = text
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("ZADD:"))
+        .last()
+        .context("no ZADD line from redis-benchmark")?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("unreadable redis-benchmark output")
+}
+
+async fn serve_bare(addr: std::net::SocketAddr, redis_url: &str) -> anyhow::Result<()> {
+    let client = Builder::from_config(Config::from_url(redis_url)?).build_pool(4)?;
+    client.init().await?;
+    let app = axum::Router::new()
+        .route(
+            "/join",
+            post(move || {
+                let client = client.clone();
+                async move {
+                    let n: i64 = client.incr("bench:bare:counter").await.unwrap_or(0);
+                    axum::Json(serde_json::json!({ "n": n }))
+                }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
