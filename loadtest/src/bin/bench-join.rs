@@ -279,8 +279,7 @@ fn redis_benchmark_zadd(url: &str, requests: u64) -> anyhow::Result<f64> {
     // e.g. "ZADD: 123456.79 requests per second, p50=0.199 msec"
     let line = text
         .split(['\r', '\n'])
-        .filter(|l| l.contains("ZADD:"))
-        .last()
+        .rfind(|l| l.contains("ZADD:"))
         .context("no ZADD line from redis-benchmark")?;
     line.split_whitespace()
         .nth(1)
