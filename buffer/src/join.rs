@@ -144,6 +144,12 @@ async fn join(
         }
         SalePhase::Presale | SalePhase::OnSale => {}
     }
+    if event.sold_out_at.is_some() {
+        return Err(ApiError::Gone(
+            "sold_out",
+            "every seat of this event has been sold".into(),
+        ));
+    }
     let commitment = ensure_commitment(&state, event_id).await?;
 
     let (row, resumed) = match (request.ticket.as_deref(), request.identity.as_deref()) {

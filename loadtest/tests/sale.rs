@@ -750,3 +750,36 @@ async fn shutdown_closes_waiting_room_sockets_with_a_close_frame() {
     assert_eq!(frame.code, CloseCode::Away);
     stopping.await.expect("stack stopped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_line_closes_with_410_once_every_seat_is_sold() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack.event(2, chrono::Duration::seconds(1)).await;
+    let fan = c.join(event, None).await.expect("join");
+    let (pass, _) = c
+        .wait_for_pass(event, &fan.ticket, Duration::from_secs(30))
+        .await
+        .expect("pass");
+    let seats = c.seats(event, &pass.pass).await.expect("seats");
+    let hold = c
+        .hold(event, &pass.pass, &[seats[0].id, seats[1].id])
+        .await
+        .expect("hold");
+    c.checkout(event, &pass.pass, hold.hold_id, "last", "tok_visa")
+        .await
+        .expect("checkout");
+    // Joins see the event's settings within a second.
+    let mut refusal = None;
+    for _ in 0..40 {
+        match c.join(event, None).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                refusal = Some(status_of(&e));
+                break;
+            }
+        }
+    }
+    assert_eq!(refusal, Some((410, "sold_out".into())));
+    stack.stop().await;
+}

@@ -439,6 +439,15 @@ async fn commit(
         body: serde_json::to_value(&view).map_err(ApiError::internal)?,
     };
     store(&mut *tx, pass, key, &done).await?;
+    // The last seat sold: from now on the line is closed (the buffer answers 410).
+    sqlx::query(
+        "UPDATE events SET sold_out_at = now()
+         WHERE id = $1 AND sold_out_at IS NULL AND NOT EXISTS (
+             SELECT 1 FROM seats WHERE event_id = $1 AND status IN ('available', 'held'))",
+    )
+    .bind(pass.event.get())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(done)
 }

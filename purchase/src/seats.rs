@@ -282,5 +282,19 @@ pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> a
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
         }
+        // Two checkouts selling the last seats at once may each miss the other's commit; this
+        // closes the line for them.
+        if let Err(e) = sqlx::query(
+            "UPDATE events e SET sold_out_at = now()
+             WHERE sold_out_at IS NULL AND sale_ends_at > now()
+               AND EXISTS (SELECT 1 FROM seats WHERE event_id = e.id)
+               AND NOT EXISTS (SELECT 1 FROM seats WHERE event_id = e.id
+                               AND status IN ('available', 'held'))",
+        )
+        .execute(&state.pg)
+        .await
+        {
+            tracing::warn!(error = %e, "sold-out sweep failed");
+        }
     }
 }

@@ -27,6 +27,8 @@ pub struct SaleEvent {
     pub claim_window_secs: i32,
     pub seats_per_fan: i32,
     pub anonymous_allowed: bool,
+    /// When the last seat was sold, if it has been.
+    pub sold_out_at: Option<DateTime<Utc>>,
 }
 
 /// Where a moment falls in an event's sale window.
@@ -45,7 +47,7 @@ pub enum SalePhase {
 
 const COLUMNS: &str = "id, name, venue, starts_at, presale_opens_at, sale_starts_at, \
     sale_ends_at, rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan, \
-    anonymous_allowed";
+    anonymous_allowed, sold_out_at";
 
 impl SaleEvent {
     pub async fn load(pg: &PgPool, id: EventId) -> Result<SaleEvent, ApiError> {
