@@ -783,3 +783,84 @@ async fn the_line_closes_with_410_once_every_seat_is_sold() {
     assert_eq!(refusal, Some((410, "sold_out".into())));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unclaimed_admission_lapses_and_its_slot_passes_on() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let now = Utc::now();
+    let event = c
+        .create_event(
+            ORGANIZER,
+            &SaleSpec {
+                name: "No-show".into(),
+                seats: 10,
+                seats_per_row: 10,
+                price_cents: 100,
+                presale_opens_at: now - chrono::Duration::seconds(1),
+                sale_starts_at: now + chrono::Duration::seconds(2),
+                sale_ends_at: now + chrono::Duration::hours(1),
+                rate_per_minute: 60_000,
+                max_active: 1,
+                seats_per_fan: 1,
+            },
+        )
+        .await
+        .expect("event");
+    let pg = stack.env.pool().await;
+    sqlx::query("UPDATE events SET claim_window_secs = 10 WHERE id = $1")
+        .bind(event)
+        .execute(&pg)
+        .await
+        .expect("claim window");
+    let a = c.join(event, None).await.expect("join");
+    let b = c.join(event, None).await.expect("join");
+    let mut order = Vec::new();
+    for _ in 0..100 {
+        let draw = c.draw(event).await.expect("draw");
+        if draw["status"] == "drawn" {
+            order = serde_json::from_value(draw["order"].clone()).expect("order");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (no_show, waiter) = if order.first() == Some(&a.ticket_id) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    // The first in line never comes; the second waits and is let in once the first's claim
+    // window has lapsed: not before.
+    let started = std::time::Instant::now();
+    let (pass, _) = c
+        .wait_for_pass(event, &waiter.ticket, Duration::from_secs(40))
+        .await
+        .expect("the second fan is admitted after the lapse");
+    assert!(
+        started.elapsed() >= Duration::from_secs(7),
+        "admitted after {:?}: the cap of 1 was not held while the first fan's window ran",
+        started.elapsed()
+    );
+    assert!(!pass.pass.is_empty());
+
+    // The no-show comes back too late.
+    let late = c
+        .http
+        .post(format!("{}/api/v1/events/{event}/pass", c.endpoints.queue))
+        .json(&json!({ "ticket": no_show.ticket }))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(late.status(), 410);
+    let body: Value = late.json().await.expect("json");
+    assert_eq!(body["error"], "admission_lapsed");
+    let passes: i64 = sqlx::query_scalar("SELECT count(*) FROM passes WHERE event_id = $1")
+        .bind(event)
+        .fetch_one(&pg)
+        .await
+        .expect("passes");
+    assert_eq!(passes, 1, "no pass for a lapsed admission");
+    pg.close().await;
+    stack.stop().await;
+}

@@ -5,15 +5,13 @@
 //! owns them, marks them sold, records the order (redeeming the pass's `jti`: one order per
 //! pass) and the stored answer. If the seats were lost meanwhile, the charge is refunded.
 
-use std::sync::LazyLock;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
-use fred::types::scripts::Script;
+use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use shared::error::violated_constraint;
@@ -457,32 +455,14 @@ fn ticket_code() -> String {
     format!("FG-{}", Uuid::new_v4().simple()).to_uppercase()
 }
 
-static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        r#"
--- KEYS: finished, active   ARGV: jti. The active count drops once per pass, however often
--- this runs.
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  local active = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if active > 0 then
-    redis.call('DECR', KEYS[2])
-  end
-  return 1
-end
-return 0
-"#,
-    )
-});
-
-/// Hands the shopper's slot back to the admission controller.
+/// Hands the shopper's slot back to the admission controller (idempotent: removing a removed
+/// slot does nothing).
 async fn finish_shopper(state: &AppState, pass: &Pass) {
     let keys = state.redis.keys(pass.event);
-    let result: Result<i64, _> = FINISH
-        .evalsha_with_reload(
-            state.redis.client(),
-            vec![keys.finished(), keys.active()],
-            vec![pass.claims.jti.to_string()],
-        )
+    let result: Result<i64, _> = state
+        .redis
+        .client()
+        .zrem(keys.slots(), format!("t:{}", pass.claims.tkt))
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not release the shopper's admission slot");

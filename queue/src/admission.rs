@@ -6,6 +6,11 @@
 //! Safety: the admission script checks the lease atomically with the admission, so a paused old
 //! leader that wakes up after losing its lease admits nobody; and it records the tick id it
 //! applied, so a script replayed after a reconnect admits nobody twice.
+//!
+//! Active shoppers are the members of the event's slot set (see `EventKeys::slots`): each
+//! admission adds one that lapses after the claim window, claiming the pass turns it into one
+//! that lapses with the pass, buying removes it. The script drops lapsed slots before counting,
+//! so no-shows and abandoned passes give their places back by themselves.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -44,8 +49,8 @@ return 0
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
--- KEYS: leader, drawn, head, tail, active, last-tick
--- ARGV: instance id, wanted, max active, tick id
+-- KEYS: leader, drawn, head, tail, slots, last-tick
+-- ARGV: instance id, wanted, max active, tick id, claim window (ms)
 -- Returns {admitted, head, tail, active}; admitted = -1 when not the leader, -2 before the draw.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {-1, 0, 0, 0}
@@ -53,9 +58,13 @@ end
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return {-2, 0, 0, 0}
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Lapsed admissions and expired passes free their slots.
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local head = tonumber(redis.call('GET', KEYS[3]) or '0')
 local tail = tonumber(redis.call('GET', KEYS[4]) or '0')
-local active = tonumber(redis.call('GET', KEYS[5]) or '0')
+local active = redis.call('ZCARD', KEYS[5])
 if redis.call('GET', KEYS[6]) == ARGV[4] then
   return {0, head, tail, active}
 end
@@ -64,12 +73,23 @@ local room = tonumber(ARGV[3]) - active
 if room < n then n = room end
 if tail - head < n then n = tail - head end
 if n < 0 then n = 0 end
+local lapse = now + tonumber(ARGV[5])
+local batch = {}
+for p = head + 1, head + n do
+  batch[#batch + 1] = lapse
+  batch[#batch + 1] = 'p:' .. p
+  if #batch >= 1000 then
+    redis.call('ZADD', KEYS[5], unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then
+  redis.call('ZADD', KEYS[5], unpack(batch))
+end
 head = head + n
-active = active + n
 redis.call('SET', KEYS[3], head)
-redis.call('SET', KEYS[5], active)
 redis.call('SET', KEYS[6], ARGV[4])
-return {n, head, tail, active}
+return {n, head, tail, active + n}
 "#,
     )
 });
@@ -160,7 +180,7 @@ async fn admit_tick(
                 keys.drawn(),
                 keys.head(),
                 keys.tail(),
-                keys.active(),
+                keys.slots(),
                 keys.last_tick(),
             ],
             vec![
@@ -168,6 +188,7 @@ async fn admit_tick(
                 wanted.to_string(),
                 event.max_active.to_string(),
                 tick_id.to_owned(),
+                (i64::from(event.claim_window_secs) * 1000).to_string(),
             ],
         )
         .await?;

@@ -249,8 +249,9 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
     let keys = redis.keys(event);
     let values: Vec<Option<i64>> = redis
         .client()
-        .mget(vec![keys.drawn(), keys.head(), keys.tail(), keys.active()])
+        .mget(vec![keys.drawn(), keys.head(), keys.tail()])
         .await?;
+    let active: i64 = redis.client().zcard(keys.slots()).await?;
     let get = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
     let settings = SaleEvent::load(pg, event)
         .await
@@ -260,7 +261,7 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
         drawn: get(0) == 1,
         head: get(1),
         tail: get(2),
-        active: get(3),
+        active,
         rate_per_minute: i64::from(settings.rate_per_minute),
         max_active: i64::from(settings.max_active),
         at_ms: Utc::now().timestamp_millis(),

@@ -6,7 +6,10 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
+use std::sync::LazyLock;
+
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
 use shared::event::SaleEvent;
 use shared::extract::{Json, Path};
@@ -45,15 +48,61 @@ struct PassRow {
     expires_at: DateTime<Utc>,
 }
 
-/// The pass of an admitted ticket: the one already issued, or a new one recorded now.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: slots   ARGV: position, ticket id, pass expiry (ms)
+-- 1 if the ticket holds (or now takes over) a live admission slot; 0 if its admission lapsed.
+if redis.call('ZSCORE', KEYS[1], 't:' .. ARGV[2]) then
+  return 1
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lapse = redis.call('ZSCORE', KEYS[1], 'p:' .. ARGV[1])
+if lapse and tonumber(lapse) > now then
+  redis.call('ZREM', KEYS[1], 'p:' .. ARGV[1])
+  redis.call('ZADD', KEYS[1], ARGV[3], 't:' .. ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+});
+
+/// The pass of an admitted ticket: the one already issued, or a new one if the admission has not
+/// lapsed (its slot then lives as long as the pass).
 #[instrument(skip_all, fields(event = %ticket.evt, ticket = %ticket.tkt))]
 pub async fn issue(
     state: &AppState,
     event: &SaleEvent,
     ticket: &TicketClaims,
+    position: Position,
 ) -> Result<IssuedPass, ApiError> {
+    if let Some(row) = stored_pass(state, ticket.tkt).await? {
+        return sign(state, event, ticket, row);
+    }
     let now = DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
     let expires = now + chrono::Duration::seconds(i64::from(event.pass_ttl_secs));
+    let claimed: i64 = CLAIM
+        .evalsha_with_reload(
+            state.redis.client(),
+            vec![state.redis.keys(event.event_id()).slots()],
+            vec![
+                position.get().to_string(),
+                ticket.tkt.to_string(),
+                expires.timestamp_millis().to_string(),
+            ],
+        )
+        .await?;
+    if claimed == 0 {
+        return Err(ApiError::Gone(
+            "admission_lapsed",
+            format!(
+                "your turn came and was not claimed within {} seconds; the place has passed on",
+                event.claim_window_secs
+            ),
+        ));
+    }
     sqlx::query(
         "INSERT INTO passes (jti, event_id, ticket_id, identity, seat_limit, issued_at,
                              expires_at, kid)
@@ -70,12 +119,29 @@ pub async fn issue(
     .bind(state.signer.kid())
     .execute(&state.pg)
     .await?;
-    let row = sqlx::query_as::<_, PassRow>(
+    let row = stored_pass(state, ticket.tkt)
+        .await?
+        .ok_or_else(|| ApiError::internal("a pass just recorded is missing"))?;
+    metrics::counter!("queue_passes_issued_total").increment(1);
+    sign(state, event, ticket, row)
+}
+
+async fn stored_pass(state: &AppState, ticket: TicketId) -> Result<Option<PassRow>, ApiError> {
+    Ok(sqlx::query_as::<_, PassRow>(
         "SELECT jti, identity, seat_limit, issued_at, expires_at FROM passes WHERE ticket_id = $1",
     )
-    .bind(ticket.tkt.0)
-    .fetch_one(&state.pg)
-    .await?;
+    .bind(ticket.0)
+    .fetch_optional(&state.pg)
+    .await?)
+}
+
+/// Signs the pass recorded in `row` (deterministically: the same row gives the same token).
+fn sign(
+    state: &AppState,
+    event: &SaleEvent,
+    ticket: &TicketClaims,
+    row: PassRow,
+) -> Result<IssuedPass, ApiError> {
     let claims = PassClaims {
         iss: state.signer.issuer().to_owned(),
         aud: TokenKind::Pass.audience().to_owned(),
@@ -154,5 +220,5 @@ async fn claim(
             ),
         ));
     }
-    Ok(Json(issue(&state, &event, &ticket).await?))
+    Ok(Json(issue(&state, &event, &ticket, position).await?))
 }

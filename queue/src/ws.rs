@@ -65,6 +65,11 @@ pub enum ServerMessage {
         sale_starts_at: DateTime<Utc>,
     },
     Pass(IssuedPass),
+    /// The fan's turn came and went (e.g. the admission lapsed while they were away).
+    Refused {
+        error: String,
+        message: String,
+    },
 }
 
 #[instrument(skip_all, fields(event = id))]
@@ -152,10 +157,22 @@ async fn wait(
                 // Once per socket, when the draw has placed the fan (or at connect).
                 position = pass::position_of(&state, event.event_id(), ticket.tkt).await?;
             }
-            if position.is_some_and(|p| p.get() <= snapshot.head) {
-                let issued = pass::issue(&state, &event, &ticket).await?;
-                sink.send(text(&ServerMessage::Pass(issued))?).await?;
-                sink.send(close(1000, "admitted")).await?;
+            if let Some(p) = position.filter(|p| p.get() <= snapshot.head) {
+                match pass::issue(&state, &event, &ticket, p).await {
+                    Ok(issued) => {
+                        sink.send(text(&ServerMessage::Pass(issued))?).await?;
+                        sink.send(close(1000, "admitted")).await?;
+                    }
+                    Err(refused) if refused.status().is_client_error() => {
+                        sink.send(text(&ServerMessage::Refused {
+                            error: refused.code().to_owned(),
+                            message: refused.to_string(),
+                        })?)
+                        .await?;
+                        sink.send(close(1000, "admission lapsed")).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 return Ok(());
             }
             sink.send(text(&status(&event, &snapshot, position))?)

@@ -141,13 +141,12 @@ impl EventKeys {
     pub fn head(&self) -> String {
         self.key("head")
     }
-    /// Shoppers admitted and not yet finished.
-    pub fn active(&self) -> String {
-        self.key("active")
-    }
-    /// Passes whose shopper has finished (so the active count drops once per pass).
-    pub fn finished(&self) -> String {
-        self.key("finished")
+    /// Active shoppers' slots, scored by when they lapse (ms since the epoch): `p:<position>`
+    /// for an admitted fan who has not claimed a pass (lapses after the claim window),
+    /// `t:<ticket>` once the pass is out (lapses when it expires). Removed when the shopper
+    /// buys. Its size is the number of active shoppers.
+    pub fn slots(&self) -> String {
+        self.key("slots")
     }
     /// Set once the draw's queue is in Redis.
     pub fn drawn(&self) -> String {
