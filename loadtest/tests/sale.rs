@@ -15,6 +15,7 @@ use shared::testing::TestEnv;
 use tokio_util::sync::CancellationToken;
 
 const ORGANIZER: &str = "test-organizer-token";
+const OPERATOR: &str = "alice-operator-token-0123";
 
 struct Stack {
     env: TestEnv,
@@ -44,6 +45,7 @@ impl Stack {
         queue_config.signing.signing_key = Some(key);
         queue_config.admission_tick_ms = 50;
         queue_config.refresh_ms = 200;
+        queue_config.operator_tokens = Some(format!("alice:{OPERATOR}"));
         queue_config.common = env.common_config();
         let queue = queue::start(queue_config, shutdown.clone())
             .await
@@ -753,14 +755,46 @@ async fn shutdown_closes_waiting_room_sockets_with_a_close_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_line_closes_with_410_once_every_seat_is_sold() {
+    use futures::StreamExt;
+
     let stack = Stack::start().await;
     let c = &stack.client;
-    let event = stack.event(2, chrono::Duration::seconds(1)).await;
-    let fan = c.join(event, None).await.expect("join");
-    let (pass, _) = c
-        .wait_for_pass(event, &fan.ticket, Duration::from_secs(30))
+    let now = Utc::now();
+    let event = c
+        .create_event(
+            ORGANIZER,
+            &SaleSpec {
+                name: "Tiny".into(),
+                seats: 2,
+                seats_per_row: 2,
+                price_cents: 100,
+                presale_opens_at: now - chrono::Duration::seconds(1),
+                sale_starts_at: now + chrono::Duration::seconds(1),
+                sale_ends_at: now + chrono::Duration::hours(1),
+                rate_per_minute: 60_000,
+                max_active: 1,
+                seats_per_fan: 2,
+            },
+        )
         .await
-        .expect("pass");
+        .expect("event");
+    let first = c.join(event, None).await.expect("join");
+    let second = c.join(event, None).await.expect("join");
+    // Whoever the draw puts first is admitted; the other waits behind the cap of one.
+    let a = c.wait_for_pass(event, &first.ticket, Duration::from_secs(3));
+    let b = c.wait_for_pass(event, &second.ticket, Duration::from_secs(3));
+    let (pass, waiter) = tokio::select! {
+        Ok((p, _)) = a => (p, second),
+        Ok((p, _)) = b => (p, first),
+    };
+    let url = format!(
+        "{}/api/v1/events/{event}/ws?ticket={}",
+        c.endpoints.queue.replacen("http", "ws", 1),
+        waiter.ticket
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws");
     let seats = c.seats(event, &pass.pass).await.expect("seats");
     let hold = c
         .hold(event, &pass.pass, &[seats[0].id, seats[1].id])
@@ -781,6 +815,17 @@ async fn the_line_closes_with_410_once_every_seat_is_sold() {
         }
     }
     assert_eq!(refusal, Some((410, "sold_out".into())));
+    // The fan still waiting is told the line is over.
+    let mut told = false;
+    while let Some(Ok(message)) = socket.next().await {
+        if let Ok(text) = message.to_text() {
+            if serde_json::from_str::<Value>(text).is_ok_and(|v| v["type"] == "sold_out") {
+                told = true;
+                break;
+            }
+        }
+    }
+    assert!(told, "the waiting fan was told the event sold out");
     stack.stop().await;
 }
 
@@ -861,6 +906,173 @@ async fn an_unclaimed_admission_lapses_and_its_slot_passes_on() {
         .await
         .expect("passes");
     assert_eq!(passes, 1, "no pass for a lapsed admission");
+    pg.close().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_pause_message_and_resume_a_live_sale_with_an_audit_trail() {
+    use futures::StreamExt;
+
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let queue = c.endpoints.queue.clone();
+    let event = stack.event(20, chrono::Duration::seconds(2)).await;
+    let controls = format!("{queue}/api/v1/operator/events/{event}/controls");
+
+    // Refusals first: they change nothing.
+    let no_token = c
+        .http
+        .patch(&controls)
+        .json(&json!({"paused": true}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(no_token.status(), 401);
+    let wrong = c
+        .http
+        .patch(&controls)
+        .bearer_auth("mallory-guessing-token")
+        .json(&json!({"paused": true}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(wrong.status(), 401);
+    let zero = c
+        .http
+        .patch(&controls)
+        .bearer_auth(OPERATOR)
+        .json(&json!({"rate_per_minute": 0}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(zero.status(), 422);
+    let unknown = c
+        .http
+        .patch(format!("{queue}/api/v1/operator/events/999999/controls"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"paused": true}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(unknown.status(), 404);
+
+    let paused = c
+        .http
+        .patch(&controls)
+        .bearer_auth(OPERATOR)
+        .json(&json!({"paused": true}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(paused.status(), 200);
+    let fans: Vec<_> = futures::future::join_all((0..5).map(|_| c.join(event, None)))
+        .await
+        .into_iter()
+        .map(|f| f.expect("join"))
+        .collect();
+
+    // A waiter sees the pause and the operators' message.
+    let url = format!(
+        "{}/api/v1/events/{event}/ws?ticket={}",
+        queue.replacen("http", "ws", 1),
+        fans[0].ticket
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("ws");
+    let said = c
+        .http
+        .put(format!("{queue}/api/v1/operator/events/{event}/message"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"text": "Back in five minutes"}))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(said.status(), 200);
+    let mut seen_pause = false;
+    for _ in 0..50 {
+        let Some(Ok(message)) = socket.next().await else {
+            break;
+        };
+        let Ok(text) = message.to_text() else {
+            continue;
+        };
+        let status: Value = serde_json::from_str(text).expect("json");
+        if status["paused"] == true && status["message"] == "Back in five minutes" {
+            seen_pause = true;
+            break;
+        }
+    }
+    assert!(seen_pause, "the waiter saw the pause and the message");
+    drop(socket);
+
+    // While paused, the draw happens but nobody is admitted.
+    let pg = stack.env.pool().await;
+    for _ in 0..100 {
+        if c.draw(event).await.expect("draw")["status"] == "drawn" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut waiting = tokio::task::JoinSet::new();
+    for fan in &fans {
+        let (c, ticket) = (c.clone(), fan.ticket.clone());
+        waiting.spawn(async move {
+            c.wait_for_pass(event, &ticket, Duration::from_secs(30))
+                .await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        passes_issued(&pg, event).await,
+        0,
+        "nobody admitted while paused"
+    );
+
+    let resumed = c
+        .http
+        .patch(&controls)
+        .bearer_auth(OPERATOR)
+        .json(&json!({"paused": false, "rate_per_minute": 3000}))
+        .send()
+        .await
+        .expect("req");
+    let resumed: Value = resumed.json().await.expect("json");
+    assert_eq!(
+        resumed,
+        json!({"rate_per_minute": 3000, "max_active": 1000, "paused": false})
+    );
+    while let Some(done) = waiting.join_next().await {
+        done.expect("task").expect("admitted after resuming");
+    }
+
+    let stats: Value = c
+        .http
+        .get(format!("{queue}/api/v1/operator/events/{event}/stats"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .expect("req")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["admitted"], 5);
+    assert_eq!(stats["passes_issued"], 5);
+    assert_eq!(stats["waiting"], 0);
+    assert_eq!(stats["rate_per_minute"], 3000);
+
+    let audit: Vec<(String, String)> =
+        sqlx::query_as("SELECT actor, action FROM operator_audit WHERE event_id = $1 ORDER BY id")
+            .bind(event)
+            .fetch_all(&pg)
+            .await
+            .expect("audit");
+    let alice = |a: &str| ("alice".to_owned(), a.to_owned());
+    assert_eq!(
+        audit,
+        vec![alice("controls"), alice("message"), alice("controls")]
+    );
     pg.close().await;
     stack.stop().await;
 }

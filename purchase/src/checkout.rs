@@ -302,7 +302,10 @@ async fn charge_and_commit(
     .await?;
 
     match commit(state, pass, key, request.hold_id, hold, total, &reference).await {
-        Ok(done) => {
+        Ok((done, sold_out)) => {
+            if sold_out {
+                close_line(state, pass).await;
+            }
             finish_shopper(state, pass).await;
             metrics::counter!("purchase_orders_total").increment(1);
             Ok(done)
@@ -355,7 +358,7 @@ async fn commit(
     hold: &HoldRow,
     total: i64,
     reference: &str,
-) -> Result<Final, ApiError> {
+) -> Result<(Final, bool), ApiError> {
     let mut tx = state.pg.begin().await?;
     let seats = lock_seats(&mut tx, None, &hold.seat_ids).await?;
     let now = Utc::now();
@@ -438,21 +441,42 @@ async fn commit(
     };
     store(&mut *tx, pass, key, &done).await?;
     // The last seat sold: from now on the line is closed (the buffer answers 410).
-    sqlx::query(
+    let sold_out = sqlx::query(
         "UPDATE events SET sold_out_at = now()
          WHERE id = $1 AND sold_out_at IS NULL AND NOT EXISTS (
              SELECT 1 FROM seats WHERE event_id = $1 AND status IN ('available', 'held'))",
     )
     .bind(pass.event.get())
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected()
+        == 1;
     tx.commit().await?;
-    Ok(done)
+    Ok((done, sold_out))
 }
 
 /// An unguessable ticket code: 128 random bits in hex.
 fn ticket_code() -> String {
     format!("FG-{}", Uuid::new_v4().simple()).to_uppercase()
+}
+
+/// Tells the admission controller the event is sold out, before the last buyer's slot is freed,
+/// so that slot cannot let one more fan in.
+async fn close_line(state: &AppState, pass: &Pass) {
+    let result: Result<(), _> = state
+        .redis
+        .client()
+        .set(
+            state.redis.keys(pass.event).sold_out(),
+            1,
+            None,
+            None,
+            false,
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "could not flag the sold-out event in redis");
+    }
 }
 
 /// Hands the shopper's slot back to the admission controller (idempotent: removing a removed

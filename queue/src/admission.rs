@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use shared::event::SaleEvent;
@@ -49,7 +48,7 @@ return 0
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
--- KEYS: leader, drawn, head, tail, slots, last-tick
+-- KEYS: leader, drawn, head, tail, slots, last-tick, sold-out
 -- ARGV: instance id, wanted, max active, tick id, claim window (ms)
 -- Returns {admitted, head, tail, active}; admitted = -1 when not the leader, -2 before the draw.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -69,6 +68,7 @@ if redis.call('GET', KEYS[6]) == ARGV[4] then
   return {0, head, tail, active}
 end
 local n = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[7]) == 1 then n = 0 end
 local room = tonumber(ARGV[3]) - active
 if room < n then n = room end
 if tail - head < n then n = tail - head end
@@ -116,7 +116,8 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
             _ = tick.tick() => {}
         }
         tick_no += 1;
-        if events_read.elapsed() >= Duration::from_secs(1) {
+        // Controls are read every tick, so an operator's change applies within one.
+        if events_read.elapsed() >= Duration::from_millis(state.config.admission_tick_ms) {
             match SaleEvent::on_sale(&state.pg).await {
                 Ok(list) => {
                     events = list;
@@ -171,7 +172,11 @@ async fn admit_tick(
     let elapsed = now.duration_since(entry.last).as_secs_f64();
     entry.last = now;
     entry.credit += f64::from(event.rate_per_minute) * elapsed / 60.0;
-    let wanted = entry.credit.floor() as i64;
+    let wanted = if event.paused || event.sold_out_at.is_some() {
+        0
+    } else {
+        entry.credit.floor() as i64
+    };
     let result: Vec<i64> = ADMIT
         .evalsha_with_reload(
             client,
@@ -182,6 +187,7 @@ async fn admit_tick(
                 keys.tail(),
                 keys.slots(),
                 keys.last_tick(),
+                keys.sold_out(),
             ],
             vec![
                 instance.to_owned(),
@@ -207,21 +213,12 @@ async fn admit_tick(
         }
         _ => {}
     }
-    // Demand the cap or an empty line blocked is dropped, not saved up for a burst later.
-    entry.credit -= wanted as f64;
+    // Demand the cap, a pause or an empty line blocked is dropped, not saved for a burst later.
+    entry.credit -= entry.credit.floor();
     if admitted > 0 {
         metrics::counter!("queue_admitted_total").increment(admitted as u64);
     }
-    let snapshot = QueueState {
-        event_id: event.id,
-        drawn: true,
-        head,
-        tail,
-        active,
-        rate_per_minute: i64::from(event.rate_per_minute),
-        max_active: i64::from(event.max_active),
-        at_ms: Utc::now().timestamp_millis(),
-    };
+    let snapshot = QueueState::of(event, true, head, tail, active);
     let payload = serde_json::to_string(&snapshot)?;
     let _: i64 = client.publish(state.redis.state_channel(), payload).await?;
     Ok(())

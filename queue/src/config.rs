@@ -46,6 +46,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_WS_PING_SECS", default_value_t = 20)]
     pub ws_ping_secs: u64,
 
+    /// Operator API tokens as `name:token` pairs, comma-separated (tokens of 16+ characters);
+    /// the name is what the audit trail records. Unset disables the operator API.
+    #[arg(long, env = "FAIRGATE_OPERATOR_TOKENS", hide_env_values = true)]
+    pub operator_tokens: Option<String>,
+
     #[command(flatten)]
     pub common: CommonConfig,
 }

@@ -31,8 +31,36 @@ pub struct QueueState {
     pub active: i64,
     pub rate_per_minute: i64,
     pub max_active: i64,
+    /// Admissions stopped by an operator.
+    #[serde(default)]
+    pub paused: bool,
+    /// The operators' message to every waiter.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Every seat is sold: the line is over.
+    #[serde(default)]
+    pub sold_out: bool,
     /// Milliseconds since the epoch when this was read.
     pub at_ms: i64,
+}
+
+impl QueueState {
+    /// The state of `event` with these counters and its current settings.
+    pub fn of(event: &SaleEvent, drawn: bool, head: i64, tail: i64, active: i64) -> Self {
+        QueueState {
+            event_id: event.id,
+            drawn,
+            head,
+            tail,
+            active,
+            rate_per_minute: i64::from(event.rate_per_minute),
+            max_active: i64::from(event.max_active),
+            paused: event.paused,
+            message: event.message.clone(),
+            sold_out: event.sold_out_at.is_some(),
+            at_ms: Utc::now().timestamp_millis(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -256,16 +284,13 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
     let settings = SaleEvent::load(pg, event)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(QueueState {
-        event_id: event.get(),
-        drawn: get(0) == 1,
-        head: get(1),
-        tail: get(2),
+    Ok(QueueState::of(
+        &settings,
+        get(0) == 1,
+        get(1),
+        get(2),
         active,
-        rate_per_minute: i64::from(settings.rate_per_minute),
-        max_active: i64::from(settings.max_active),
-        at_ms: Utc::now().timestamp_millis(),
-    })
+    ))
 }
 
 #[cfg(test)]

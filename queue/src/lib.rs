@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod hub;
+pub mod operator;
 pub mod pass;
 pub mod ws;
 
@@ -34,6 +35,7 @@ pub struct AppState {
     pub verifier: Verifier,
     pub hub: hub::Hub,
     pub shutdown: CancellationToken,
+    pub operators: shared::auth::NamedTokens,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -46,6 +48,7 @@ pub fn app(state: AppState) -> Router {
     let routes = Router::new()
         .merge(ws::router())
         .merge(pass::router())
+        .merge(operator::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -55,6 +58,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let signer = config.signing.signer(&config.common.issuer)?;
     let hub = hub::Hub::new(redis.clone(), pg.clone());
     let state = AppState {
+        operators: shared::auth::NamedTokens::parse("operator", config.operator_tokens.as_deref())?,
         verifier: signer.verifier(),
         signer,
         hub: hub.clone(),

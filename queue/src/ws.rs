@@ -63,7 +63,13 @@ pub enum ServerMessage {
         eta_low_secs: Option<i64>,
         eta_high_secs: Option<i64>,
         sale_starts_at: DateTime<Utc>,
+        /// Admissions are paused by the operators (the ETA is unknown meanwhile).
+        paused: bool,
+        /// The operators' message, if any.
+        message: Option<String>,
     },
+    /// Every seat is sold; the line is over.
+    SoldOut,
     Pass(IssuedPass),
     /// The fan's turn came and went (e.g. the admission lapsed while they were away).
     Refused {
@@ -157,6 +163,12 @@ async fn wait(
                 // Once per socket, when the draw has placed the fan (or at connect).
                 position = pass::position_of(&state, event.event_id(), ticket.tkt).await?;
             }
+            let admitted = position.is_some_and(|p| p.get() <= snapshot.head);
+            if snapshot.sold_out && !admitted {
+                sink.send(text(&ServerMessage::SoldOut)?).await?;
+                sink.send(close(1000, "sold out")).await?;
+                return Ok(());
+            }
             if let Some(p) = position.filter(|p| p.get() <= snapshot.head) {
                 match pass::issue(&state, &event, &ticket, p).await {
                     Ok(issued) => {
@@ -218,8 +230,8 @@ pub fn status(event: &SaleEvent, queue: &QueueState, position: Option<Position>)
         None => ("queued", None, None),
         Some(p) => {
             let ahead = (p.get() - queue.head - 1).max(0);
-            let eta = (ahead + 1) * 60 / rate;
-            ("queued", Some(ahead), Some(eta))
+            let eta = (!queue.paused).then_some((ahead + 1) * 60 / rate);
+            ("queued", Some(ahead), eta)
         }
     };
     ServerMessage::Status {
@@ -234,5 +246,7 @@ pub fn status(event: &SaleEvent, queue: &QueueState, position: Option<Position>)
         eta_low_secs: eta.map(|e| e * 4 / 5),
         eta_high_secs: eta.map(|e| e * 3 / 2),
         sale_starts_at: event.sale_starts_at,
+        paused: queue.paused,
+        message: queue.message.clone(),
     }
 }

@@ -29,6 +29,10 @@ pub struct SaleEvent {
     pub anonymous_allowed: bool,
     /// When the last seat was sold, if it has been.
     pub sold_out_at: Option<DateTime<Utc>>,
+    /// Admissions stopped by an operator.
+    pub paused: bool,
+    /// A short message operators show every waiter.
+    pub message: Option<String>,
 }
 
 /// Where a moment falls in an event's sale window.
@@ -47,7 +51,7 @@ pub enum SalePhase {
 
 const COLUMNS: &str = "id, name, venue, starts_at, presale_opens_at, sale_starts_at, \
     sale_ends_at, rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan, \
-    anonymous_allowed, sold_out_at";
+    anonymous_allowed, sold_out_at, paused, message";
 
 impl SaleEvent {
     pub async fn load(pg: &PgPool, id: EventId) -> Result<SaleEvent, ApiError> {

@@ -148,6 +148,11 @@ impl EventKeys {
     pub fn slots(&self) -> String {
         self.key("slots")
     }
+    /// Set when the last seat is sold, before that buyer's slot is freed, so no admission can
+    /// slip in between (Postgres' `events.sold_out_at` is the durable record).
+    pub fn sold_out(&self) -> String {
+        self.key("sold-out")
+    }
     /// Set once the draw's queue is in Redis.
     pub fn drawn(&self) -> String {
         self.key("drawn")
