@@ -21,6 +21,7 @@ struct Stack {
     env: TestEnv,
     apps: Vec<RunningApp>,
     client: Client,
+    queue_config: queue::Config,
 }
 
 impl Stack {
@@ -36,7 +37,7 @@ impl Stack {
         buffer_config.draw_tick_ms = 100;
         buffer_config.join_limit_per_ip = 0;
         buffer_config.common = env.common_config();
-        let buffer = buffer::start(buffer_config, shutdown.clone())
+        let buffer = buffer::start(buffer_config, shutdown.child_token())
             .await
             .expect("buffer starts");
 
@@ -47,7 +48,7 @@ impl Stack {
         queue_config.refresh_ms = 200;
         queue_config.operator_tokens = Some(format!("alice:{OPERATOR}"));
         queue_config.common = env.common_config();
-        let queue = queue::start(queue_config, shutdown.clone())
+        let queue = queue::start(queue_config.clone(), shutdown.child_token())
             .await
             .expect("queue starts");
 
@@ -56,7 +57,7 @@ impl Stack {
         purchase_config.jwks_url = format!("{}/.well-known/jwks.json", queue.url());
         purchase_config.organizer_token = Some(ORGANIZER.into());
         purchase_config.common = env.common_config();
-        let purchase = purchase::start(purchase_config, shutdown.clone())
+        let purchase = purchase::start(purchase_config, shutdown.child_token())
             .await
             .expect("purchase starts");
 
@@ -70,6 +71,7 @@ impl Stack {
             env,
             apps: vec![buffer, queue, purchase],
             client,
+            queue_config,
         }
     }
 
@@ -1074,5 +1076,95 @@ async fn operators_pause_message_and_resume_a_live_sale_with_an_audit_trail() {
         vec![alice("controls"), alice("message"), alice("controls")]
     );
     pg.close().await;
+    stack.stop().await;
+}
+
+async fn redis_client(env: &TestEnv) -> fred::prelude::Client {
+    use fred::prelude::*;
+    let client = Builder::from_config(Config::from_url(&env.redis_url).expect("url"))
+        .build()
+        .expect("client");
+    client.init().await.expect("redis");
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_admit_at_the_configured_rate_through_a_leader_handover() {
+    use fred::prelude::*;
+
+    let mut stack = Stack::start().await;
+    let c = stack.client.clone();
+    let now = Utc::now();
+    let event = c
+        .create_event(
+            ORGANIZER,
+            &SaleSpec {
+                name: "Steady".into(),
+                seats: 10,
+                seats_per_row: 10,
+                price_cents: 100,
+                presale_opens_at: now - chrono::Duration::seconds(1),
+                sale_starts_at: now + chrono::Duration::seconds(3),
+                sale_ends_at: now + chrono::Duration::hours(1),
+                rate_per_minute: 1_200,
+                max_active: 100_000,
+                seats_per_fan: 1,
+            },
+        )
+        .await
+        .expect("event");
+    for chunk in 0..10 {
+        let joins = futures::future::join_all((0..50).map(|_| c.join(event, None))).await;
+        assert!(joins.iter().all(Result::is_ok), "chunk {chunk} joined");
+    }
+    let redis = redis_client(&stack.env).await;
+    let keys = shared::redis::EventKeys::new(
+        &stack.env.redis_prefix,
+        shared::ids::EventId::new(event).expect("id"),
+    );
+    let head = || async {
+        redis
+            .get::<Option<i64>, _>(keys.head())
+            .await
+            .expect("head")
+            .unwrap_or(0)
+    };
+    // The first instance leads once the draw has run; then a second instance joins in.
+    for _ in 0..200 {
+        if head().await > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_leader: Option<String> = redis.get(keys.leader()).await.expect("leader");
+    let mut second_config = stack.queue_config.clone();
+    second_config.bind = "127.0.0.1:0".parse().expect("addr");
+    let second = queue::start(second_config, CancellationToken::new())
+        .await
+        .expect("second queue");
+
+    let (h0, t0) = (head().await, std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    // The leader stops; the other instance must take over without a gap or a double admission.
+    let leader_app = stack.apps.remove(1);
+    leader_app.stop().await.expect("leader stops");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (h1, t1) = (head().await, std::time::Instant::now());
+    let new_leader: Option<String> = redis.get(keys.leader()).await.expect("leader");
+    assert!(
+        first_leader.is_some() && new_leader.is_some() && new_leader != first_leader,
+        "leadership moved: {first_leader:?} -> {new_leader:?}"
+    );
+
+    let rate = (h1 - h0) as f64 / (t1 - t0).as_secs_f64() * 60.0;
+    eprintln!("admitted {rate:.1}/min over {:?} (configured 1200/min)", t1 - t0);
+    assert!(
+        (rate - 1200.0).abs() <= 1200.0 * 0.02,
+        "admitted {rate:.0}/min against 1200/min configured ({} admissions in {:?})",
+        h1 - h0,
+        t1 - t0
+    );
+    let _ = redis.quit().await;
+    second.stop().await.expect("second stops");
     stack.stop().await;
 }
