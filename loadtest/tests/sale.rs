@@ -1157,7 +1157,10 @@ async fn two_instances_admit_at_the_configured_rate_through_a_leader_handover() 
     );
 
     let rate = (h1 - h0) as f64 / (t1 - t0).as_secs_f64() * 60.0;
-    eprintln!("admitted {rate:.1}/min over {:?} (configured 1200/min)", t1 - t0);
+    eprintln!(
+        "admitted {rate:.1}/min over {:?} (configured 1200/min)",
+        t1 - t0
+    );
     assert!(
         (rate - 1200.0).abs() <= 1200.0 * 0.02,
         "admitted {rate:.0}/min against 1200/min configured ({} admissions in {:?})",

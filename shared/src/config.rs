@@ -98,6 +98,16 @@ pub struct SigningArgs {
     /// File holding the signing key as 64 hex digits (used when FAIRGATE_SIGNING_KEY is unset).
     #[arg(long, env = "FAIRGATE_SIGNING_KEY_FILE")]
     pub signing_key_file: Option<std::path::PathBuf>,
+
+    /// Retired signing keys (64 hex digits each, comma-separated): no longer used to sign, still
+    /// published and trusted, so tickets and passes in flight survive a key rotation.
+    #[arg(
+        long,
+        env = "FAIRGATE_PREVIOUS_SIGNING_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub previous_signing_keys: Vec<String>,
 }
 
 impl SigningArgs {
@@ -106,7 +116,13 @@ impl SigningArgs {
             self.signing_key.as_deref(),
             self.signing_key_file.as_deref(),
         )?;
-        Ok(crate::token::Signer::new(key, issuer))
+        let retired = self
+            .previous_signing_keys
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| crate::token::SigningKey::from_hex(k))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(crate::token::Signer::new(key, issuer).retiring(retired))
     }
 }
 

@@ -238,6 +238,7 @@ pub struct Jwks {
 #[derive(Clone)]
 pub struct Signer {
     key: Arc<SigningKey>,
+    retired: Arc<Vec<SigningKey>>,
     issuer: String,
 }
 
@@ -245,8 +246,20 @@ impl Signer {
     pub fn new(key: SigningKey, issuer: impl Into<String>) -> Self {
         Signer {
             key: Arc::new(key),
+            retired: Arc::default(),
             issuer: issuer.into(),
         }
+    }
+
+    /// Keys rotated out: they sign nothing more, but stay published and trusted so tokens they
+    /// signed remain valid until they expire.
+    pub fn retiring(mut self, retired: Vec<SigningKey>) -> Self {
+        self.retired = Arc::new(retired);
+        self
+    }
+
+    fn all_keys(&self) -> impl Iterator<Item = &SigningKey> {
+        std::iter::once(self.key.as_ref()).chain(self.retired.iter())
     }
 
     pub fn issuer(&self) -> &str {
@@ -259,7 +272,7 @@ impl Signer {
 
     pub fn jwks(&self) -> Jwks {
         Jwks {
-            keys: vec![self.key.jwk()],
+            keys: self.all_keys().map(SigningKey::jwk).collect(),
         }
     }
 
@@ -271,10 +284,12 @@ impl Signer {
             .add_jwks(&self.jwks())
             .expect("our own JWK is well formed");
         if let Ok(mut keys) = verifier.ticket_keys.write() {
-            keys.insert(
-                self.key.kid.clone(),
-                DecodingKey::from_secret(&self.key.ticket_secret),
-            );
+            for key in self.all_keys() {
+                keys.insert(
+                    key.kid.clone(),
+                    DecodingKey::from_secret(&key.ticket_secret),
+                );
+            }
         }
         verifier
     }
@@ -664,6 +679,28 @@ mod tests {
             signer.verifier().verify_pass(&forged, claims.evt),
             Err(TokenError::WrongType)
         );
+    }
+
+    #[test]
+    fn tokens_signed_before_a_key_rotation_stay_valid() {
+        let old_seed = random_seed();
+        let before = Signer::new(SigningKey::from_seed(&old_seed).expect("key"), "fairgate");
+        let claims = pass(&before, 1, 600);
+        let old_pass = before.sign(TokenKind::Pass, &claims).expect("sign");
+
+        let after = Signer::new(SigningKey::generate().expect("key"), "fairgate")
+            .retiring(vec![SigningKey::from_seed(&old_seed).expect("key")]);
+        assert_eq!(after.jwks().keys.len(), 2, "old and new keys are published");
+        assert_ne!(after.kid(), before.kid(), "new tokens name the new key");
+        // A verifier that only knows the published keys (the purchase service) accepts both.
+        let purchase = Verifier::new("fairgate");
+        purchase.add_jwks(&after.jwks()).expect("jwks");
+        assert_eq!(
+            purchase.verify_pass(&old_pass, claims.evt),
+            Ok(claims.clone())
+        );
+        let new_pass = after.sign(TokenKind::Pass, &claims).expect("sign");
+        assert_eq!(purchase.verify_pass(&new_pass, claims.evt), Ok(claims));
     }
 
     #[test]
