@@ -29,9 +29,6 @@ use uuid::Uuid;
 
 use crate::{queue_store, AppState};
 
-/// Advisory-lock class of "the draw of event N" (the second key is the event id).
-pub(crate) const DRAW_LOCK_CLASS: i32 = 0x6667_0001;
-
 /// What each instance remembers about draws: commitments and computed orders never change once
 /// made; publishing to Redis is done by one task at a time per instance.
 #[derive(Clone, Default)]
@@ -98,11 +95,7 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
     ensure_commitment(state, event).await?;
     let started = std::time::Instant::now();
     let mut tx = state.pg.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(DRAW_LOCK_CLASS)
-        .bind(event_lock_key(event))
-        .execute(&mut *tx)
-        .await?;
+    shared::db::lock_draw(&mut tx, event, true).await?;
     let (seed, drawn_at): (Vec<u8>, Option<DateTime<Utc>>) =
         sqlx::query_as("SELECT seed, drawn_at FROM draws WHERE event_id = $1 FOR UPDATE")
             .bind(event.get())
@@ -112,11 +105,7 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
         return Ok(None);
     }
     let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
-    let entrants: Vec<Uuid> =
-        sqlx::query_scalar("SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'")
-            .bind(event.get())
-            .fetch_all(&mut *tx)
-            .await?;
+    let entrants = entrants(&mut *tx, event).await?;
     sqlx::query("UPDATE draws SET drawn_at = now(), entrants = $2 WHERE event_id = $1")
         .bind(event.get())
         .bind(entrants.len() as i64)
@@ -138,6 +127,21 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
     );
     metrics::histogram!("buffer_draw_seconds").record(started.elapsed().as_secs_f64());
     Ok(Some(count))
+}
+
+/// The draw's entrants: every presale join but those who left before the draw. (Leaving after
+/// it never changes this set, so the order recomputes the same for ever.)
+async fn entrants<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    event: EventId,
+) -> Result<Vec<Uuid>, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT ticket_id FROM joins
+         WHERE event_id = $1 AND phase = 'presale' AND NOT left_before_draw",
+    )
+    .bind(event.get())
+    .fetch_all(db)
+    .await?)
 }
 
 async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<Vec<Uuid>>, ApiError> {
@@ -164,11 +168,7 @@ pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<Vec<Uu
         return Ok(None);
     };
     let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
-    let entrants: Vec<Uuid> =
-        sqlx::query_scalar("SELECT ticket_id FROM joins WHERE event_id = $1 AND phase = 'presale'")
-            .bind(event.get())
-            .fetch_all(&state.pg)
-            .await?;
+    let entrants = entrants(&state.pg, event).await?;
     let order = shuffle(seed, entrants).await?;
     state.draws.put_order(event, order.clone());
     Ok(Some(order))
@@ -188,11 +188,6 @@ async fn publish_order(state: &AppState, event: EventId, order: &[Uuid]) -> Resu
     let _publishing = state.draws.publishing.lock().await;
     queue_store::publish(&state.pg, &state.redis, event, order).await?;
     Ok(())
-}
-
-pub(crate) fn event_lock_key(event: EventId) -> i32 {
-    // Event ids are identity values far below 2^31; wrap rather than fail beyond that.
-    event.get() as i32
 }
 
 /// Looks for commitments to publish, draws to run and Redis queues to restore, every tick.

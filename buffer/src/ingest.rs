@@ -18,8 +18,6 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::draw::{event_lock_key, DRAW_LOCK_CLASS};
-
 /// Most joins in one transaction.
 pub const MAX_BATCH: usize = 1_000;
 /// Joins waiting for a writer at most; more make handlers wait (back-pressure).
@@ -138,11 +136,7 @@ async fn write(
     let events: BTreeSet<EventId> = batch.iter().map(|p| p.event).collect();
     let mut tx = pg.begin().await?;
     for event in &events {
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1, $2)")
-            .bind(DRAW_LOCK_CLASS)
-            .bind(event_lock_key(*event))
-            .execute(&mut *tx)
-            .await?;
+        shared::db::lock_draw(&mut tx, *event, false).await?;
     }
     let events: Vec<i64> = events.into_iter().map(EventId::get).collect();
     let drawn: HashSet<i64> = sqlx::query_scalar(

@@ -115,6 +115,28 @@ pub async fn publish(
         .buffer_unordered(32)
         .try_collect::<Vec<i64>>()
         .await?;
+    // Fans who left after the draw stay skipped in a rebuilt queue.
+    let left: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
+        "SELECT ticket_id, position FROM joins
+         WHERE event_id = $1 AND left_at IS NOT NULL AND NOT left_before_draw",
+    )
+    .bind(event.get())
+    .fetch_all(pg)
+    .await?;
+    if !left.is_empty() {
+        let drawn_at: std::collections::HashMap<Uuid, i64> = order
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, i as i64 + 1))
+            .collect();
+        let positions: Vec<i64> = left
+            .iter()
+            .filter_map(|(t, p)| p.or_else(|| drawn_at.get(t).copied()))
+            .collect();
+        if !positions.is_empty() {
+            let _: i64 = client.sadd(keys.left(), positions).await?;
+        }
+    }
     let placed: i64 = PUBLISH
         .evalsha_with_reload(
             client,

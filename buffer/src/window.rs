@@ -15,7 +15,6 @@ use shared::ids::EventId;
 use shared::ApiError;
 use tracing::instrument;
 
-use crate::draw::{event_lock_key, DRAW_LOCK_CLASS};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -55,11 +54,7 @@ async fn update_window(
     let event_id = EventId::from_path(id)?;
     next.validate("")?;
     let mut tx = state.pg.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-        .bind(DRAW_LOCK_CLASS)
-        .bind(event_lock_key(event_id))
-        .execute(&mut *tx)
-        .await?;
+    shared::db::lock_draw(&mut tx, event_id, true).await?;
     let current = SaleSettings::from(&SaleEvent::load(&state.pg, event_id).await?);
     let drawn: bool = sqlx::query_scalar(
         "SELECT COALESCE((SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1), false)",

@@ -1171,3 +1171,101 @@ async fn two_instances_admit_at_the_configured_rate_through_a_leader_handover() 
     second.stop().await.expect("second stops");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fans_who_leave_are_skipped_and_the_draw_still_verifies() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let queue = c.endpoints.queue.clone();
+    let event = stack.event(10, chrono::Duration::seconds(2)).await;
+    let controls = format!("{queue}/api/v1/operator/events/{event}/controls");
+    let pause = |paused: bool| {
+        c.http
+            .patch(&controls)
+            .bearer_auth(OPERATOR)
+            .json(&json!({ "paused": paused }))
+            .send()
+    };
+    assert_eq!(pause(true).await.expect("pause").status(), 200);
+    let fans: Vec<_> = futures::future::join_all((0..4).map(|_| c.join(event, None)))
+        .await
+        .into_iter()
+        .map(|f| f.expect("join"))
+        .collect();
+    let leave = |ticket: &str| {
+        c.http
+            .post(format!("{queue}/api/v1/events/{event}/leave"))
+            .json(&json!({ "ticket": ticket }))
+            .send()
+    };
+    // One fan leaves before the draw: they are not among its entrants.
+    let early: Value = leave(&fans[3].ticket)
+        .await
+        .expect("leave")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(early, json!({"left": true, "before_draw": true}));
+
+    let mut order: Vec<uuid::Uuid> = Vec::new();
+    for _ in 0..100 {
+        let draw = c.draw(event).await.expect("draw");
+        if draw["status"] == "drawn" {
+            order = serde_json::from_value(draw["order"].clone()).expect("order");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(order.len(), 3, "three entrants");
+    assert!(!order.contains(&fans[3].ticket_id));
+    assert!(
+        verify_draw(c, event).await.expect("verify"),
+        "the draw still verifies"
+    );
+
+    // The first in line leaves after the draw: the line skips them.
+    let first = fans
+        .iter()
+        .find(|f| f.ticket_id == order[0])
+        .expect("first");
+    let late: Value = leave(&first.ticket)
+        .await
+        .expect("leave")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(late, json!({"left": true, "before_draw": false}));
+    assert_eq!(pause(false).await.expect("resume").status(), 200);
+    for ticket in &order[1..] {
+        let fan = fans.iter().find(|f| f.ticket_id == *ticket).expect("fan");
+        c.wait_for_pass(event, &fan.ticket, Duration::from_secs(30))
+            .await
+            .expect("the others are admitted");
+    }
+    let refused = c
+        .http
+        .post(format!("{queue}/api/v1/events/{event}/pass"))
+        .json(&json!({ "ticket": first.ticket }))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(refused.status(), 410);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"], "left_queue");
+    let stats: Value = c
+        .http
+        .get(format!("{queue}/api/v1/operator/events/{event}/stats"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (stats["admitted"].as_i64(), stats["passes_issued"].as_i64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(stats["active"], 2, "the fan who left holds no slot");
+    stack.stop().await;
+}

@@ -48,7 +48,7 @@ return 0
 static ADMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
--- KEYS: leader, drawn, head, tail, slots, last-tick, sold-out
+-- KEYS: leader, drawn, head, tail, slots, last-tick, sold-out, left
 -- ARGV: instance id, wanted, max active, tick id, claim window (ms)
 -- Returns {admitted, head, tail, active}; admitted = -1 when not the leader, -2 before the draw.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -71,22 +71,27 @@ local n = tonumber(ARGV[2])
 if redis.call('EXISTS', KEYS[7]) == 1 then n = 0 end
 local room = tonumber(ARGV[3]) - active
 if room < n then n = room end
-if tail - head < n then n = tail - head end
 if n < 0 then n = 0 end
 local lapse = now + tonumber(ARGV[5])
 local batch = {}
-for p = head + 1, head + n do
-  batch[#batch + 1] = lapse
-  batch[#batch + 1] = 'p:' .. p
-  if #batch >= 1000 then
-    redis.call('ZADD', KEYS[5], unpack(batch))
-    batch = {}
+local admitted = 0
+-- Fans who left are passed over: they take neither a slot nor a share of the rate.
+while admitted < n and head < tail do
+  head = head + 1
+  if redis.call('SISMEMBER', KEYS[8], head) == 0 then
+    admitted = admitted + 1
+    batch[#batch + 1] = lapse
+    batch[#batch + 1] = 'p:' .. head
+    if #batch >= 1000 then
+      redis.call('ZADD', KEYS[5], unpack(batch))
+      batch = {}
+    end
   end
 end
 if #batch > 0 then
   redis.call('ZADD', KEYS[5], unpack(batch))
 end
-head = head + n
+n = admitted
 redis.call('SET', KEYS[3], head)
 redis.call('SET', KEYS[6], ARGV[4])
 return {n, head, tail, active + n}
@@ -188,6 +193,7 @@ async fn admit_tick(
                 keys.slots(),
                 keys.last_tick(),
                 keys.sold_out(),
+                keys.left(),
             ],
             vec![
                 instance.to_owned(),

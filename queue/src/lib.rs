@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod config;
 pub mod hub;
+pub mod leave;
 pub mod operator;
 pub mod pass;
 pub mod ws;
@@ -49,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ws::router())
         .merge(pass::router())
         .merge(operator::router())
+        .merge(leave::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }

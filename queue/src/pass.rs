@@ -81,6 +81,18 @@ pub async fn issue(
     if let Some(row) = stored_pass(state, ticket.tkt).await? {
         return sign(state, event, ticket, row);
     }
+    let left: bool = sqlx::query_scalar(
+        "SELECT COALESCE((SELECT left_at IS NOT NULL FROM joins WHERE ticket_id = $1), false)",
+    )
+    .bind(ticket.tkt.0)
+    .fetch_one(&state.pg)
+    .await?;
+    if left {
+        return Err(ApiError::Gone(
+            "left_queue",
+            "this ticket left the line; its place has passed on".into(),
+        ));
+    }
     let now = DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
     let expires = now + chrono::Duration::seconds(i64::from(event.pass_ttl_secs));
     let claimed: i64 = CLAIM

@@ -34,3 +34,28 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// Advisory-lock class of "the draw of event N" (the second key is the event id).
+const DRAW_LOCK_CLASS: i32 = 0x6667_0001;
+
+/// Takes event `event`'s draw lock until the transaction ends: exclusively for the draw itself,
+/// shared for everything that must land wholly before or wholly after it (joins, leaves,
+/// window changes). A join committed before the draw is in it; one after is a live arrival.
+pub async fn lock_draw(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    event: crate::ids::EventId,
+    exclusive: bool,
+) -> Result<(), sqlx::Error> {
+    let sql = if exclusive {
+        "SELECT pg_advisory_xact_lock($1, $2)"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1, $2)"
+    };
+    // Event ids are identity values far below 2^31; wrap rather than fail beyond that.
+    sqlx::query(sql)
+        .bind(DRAW_LOCK_CLASS)
+        .bind(event.get() as i32)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

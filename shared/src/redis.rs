@@ -153,6 +153,10 @@ impl EventKeys {
     pub fn sold_out(&self) -> String {
         self.key("sold-out")
     }
+    /// Positions whose fans left the line after the draw: admission skips them.
+    pub fn left(&self) -> String {
+        self.key("left")
+    }
     /// Set once the draw's queue is in Redis.
     pub fn drawn(&self) -> String {
         self.key("drawn")
