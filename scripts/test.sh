@@ -13,5 +13,8 @@ for db in $leftovers; do
   psql "$FAIRGATE_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
 done
 
+# Each end-to-end test starts three services with their own Postgres pools: four at a time stay
+# within a default Postgres's 100 connections (see shared/src/testing.rs).
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 fg_say "running the test suite"
 cargo test --workspace --all-targets "$@"

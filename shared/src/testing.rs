@@ -54,7 +54,10 @@ impl TestEnv {
     pub fn common_config(&self) -> CommonConfig {
         CommonConfig {
             database_url: self.database_url.clone(),
-            db_max_connections: 10,
+            // Connection budget: a Postgres allows 100 connections by default; a test runs up to
+            // three services (plus a test pool of 5) and scripts/test.sh runs 4 tests at once:
+            // 4 × (3 × 5 + 5) = 80.
+            db_max_connections: 5,
             migrate: false,
             redis_url: self.redis_url.clone(),
             redis_prefix: self.redis_prefix.clone(),
