@@ -77,23 +77,12 @@ impl Stack {
 
     /// An event whose presale is open and whose draw is `draw_in` from now.
     async fn event(&self, seats: i64, draw_in: chrono::Duration) -> i64 {
-        let now = Utc::now();
+        self.create(spec("Skeleton Live", seats, draw_in)).await
+    }
+
+    async fn create(&self, spec: SaleSpec) -> i64 {
         self.client
-            .create_event(
-                ORGANIZER,
-                &SaleSpec {
-                    name: "Skeleton Live".into(),
-                    seats,
-                    seats_per_row: 10,
-                    price_cents: 5_000,
-                    presale_opens_at: now - chrono::Duration::seconds(1),
-                    sale_starts_at: now + draw_in,
-                    sale_ends_at: now + chrono::Duration::hours(1),
-                    rate_per_minute: 6_000,
-                    max_active: 1_000,
-                    seats_per_fan: 2,
-                },
-            )
+            .create_event(ORGANIZER, &spec)
             .await
             .expect("event created")
     }
@@ -103,6 +92,23 @@ impl Stack {
             app.stop().await.expect("clean shutdown");
         }
         self.env.cleanup().await;
+    }
+}
+
+/// A sale whose presale is open now and whose draw is `draw_in` from now, admitting fast.
+fn spec(name: &str, seats: i64, draw_in: chrono::Duration) -> SaleSpec {
+    let now = Utc::now();
+    SaleSpec {
+        name: name.into(),
+        seats,
+        seats_per_row: 10,
+        price_cents: 5_000,
+        presale_opens_at: now - chrono::Duration::seconds(1),
+        sale_starts_at: now + draw_in,
+        sale_ends_at: now + chrono::Duration::hours(1),
+        rate_per_minute: 6_000,
+        max_active: 1_000,
+        seats_per_fan: 2,
     }
 }
 
@@ -634,25 +640,14 @@ async fn eventually_count(pg: &sqlx::PgPool, event: i64, want: i64) {
 async fn the_cap_on_active_shoppers_is_never_exceeded() {
     let stack = Stack::start().await;
     let c = &stack.client;
-    let now = Utc::now();
-    let event = c
-        .create_event(
-            ORGANIZER,
-            &SaleSpec {
-                name: "Capped".into(),
-                seats: 10,
-                seats_per_row: 10,
-                price_cents: 100,
-                presale_opens_at: now - chrono::Duration::seconds(1),
-                sale_starts_at: now + chrono::Duration::seconds(1),
-                sale_ends_at: now + chrono::Duration::hours(1),
-                rate_per_minute: 60_000,
-                max_active: 2,
-                seats_per_fan: 1,
-            },
-        )
-        .await
-        .expect("event");
+    let event = stack
+        .create(SaleSpec {
+            rate_per_minute: 60_000,
+            max_active: 2,
+            seats_per_fan: 1,
+            ..spec("Capped", 10, chrono::Duration::seconds(1))
+        })
+        .await;
     let fans: Vec<_> = futures::future::join_all((0..5).map(|_| c.join(event, None)))
         .await
         .into_iter()
@@ -761,25 +756,14 @@ async fn the_line_closes_with_410_once_every_seat_is_sold() {
 
     let stack = Stack::start().await;
     let c = &stack.client;
-    let now = Utc::now();
-    let event = c
-        .create_event(
-            ORGANIZER,
-            &SaleSpec {
-                name: "Tiny".into(),
-                seats: 2,
-                seats_per_row: 2,
-                price_cents: 100,
-                presale_opens_at: now - chrono::Duration::seconds(1),
-                sale_starts_at: now + chrono::Duration::seconds(1),
-                sale_ends_at: now + chrono::Duration::hours(1),
-                rate_per_minute: 60_000,
-                max_active: 1,
-                seats_per_fan: 2,
-            },
-        )
-        .await
-        .expect("event");
+    let event = stack
+        .create(SaleSpec {
+            rate_per_minute: 60_000,
+            max_active: 1,
+            seats_per_fan: 2,
+            ..spec("Tiny", 2, chrono::Duration::seconds(1))
+        })
+        .await;
     let first = c.join(event, None).await.expect("join");
     let second = c.join(event, None).await.expect("join");
     // Whoever the draw puts first is admitted; the other waits behind the cap of one.
@@ -835,25 +819,14 @@ async fn the_line_closes_with_410_once_every_seat_is_sold() {
 async fn an_unclaimed_admission_lapses_and_its_slot_passes_on() {
     let stack = Stack::start().await;
     let c = &stack.client;
-    let now = Utc::now();
-    let event = c
-        .create_event(
-            ORGANIZER,
-            &SaleSpec {
-                name: "No-show".into(),
-                seats: 10,
-                seats_per_row: 10,
-                price_cents: 100,
-                presale_opens_at: now - chrono::Duration::seconds(1),
-                sale_starts_at: now + chrono::Duration::seconds(2),
-                sale_ends_at: now + chrono::Duration::hours(1),
-                rate_per_minute: 60_000,
-                max_active: 1,
-                seats_per_fan: 1,
-            },
-        )
-        .await
-        .expect("event");
+    let event = stack
+        .create(SaleSpec {
+            rate_per_minute: 60_000,
+            max_active: 1,
+            seats_per_fan: 1,
+            ..spec("No-show", 10, chrono::Duration::seconds(2))
+        })
+        .await;
     let pg = stack.env.pool().await;
     sqlx::query("UPDATE events SET claim_window_secs = 10 WHERE id = $1")
         .bind(event)
@@ -1094,25 +1067,14 @@ async fn two_instances_admit_at_the_configured_rate_through_a_leader_handover() 
 
     let mut stack = Stack::start().await;
     let c = stack.client.clone();
-    let now = Utc::now();
-    let event = c
-        .create_event(
-            ORGANIZER,
-            &SaleSpec {
-                name: "Steady".into(),
-                seats: 10,
-                seats_per_row: 10,
-                price_cents: 100,
-                presale_opens_at: now - chrono::Duration::seconds(1),
-                sale_starts_at: now + chrono::Duration::seconds(3),
-                sale_ends_at: now + chrono::Duration::hours(1),
-                rate_per_minute: 1_200,
-                max_active: 100_000,
-                seats_per_fan: 1,
-            },
-        )
-        .await
-        .expect("event");
+    let event = stack
+        .create(SaleSpec {
+            rate_per_minute: 1_200,
+            max_active: 100_000,
+            seats_per_fan: 1,
+            ..spec("Steady", 10, chrono::Duration::seconds(3))
+        })
+        .await;
     for chunk in 0..10 {
         let joins = futures::future::join_all((0..50).map(|_| c.join(event, None))).await;
         assert!(joins.iter().all(Result::is_ok), "chunk {chunk} joined");

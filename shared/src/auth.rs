@@ -1,5 +1,6 @@
-//! Role tokens for the organizer, operator and support APIs: a bearer token compared in
-//! constant time against the configured one. A role whose token is not configured is closed.
+//! Role tokens for the organizer, operator and support APIs: bearer tokens compared in constant
+//! time (as SHA-256 digests) against the configured ones. A role with no token configured is
+//! closed (403); a missing or wrong token is a 401.
 
 use axum::http::request::Parts;
 use sha2::Digest;
@@ -7,44 +8,23 @@ use sha2::Digest;
 use crate::extract::bearer;
 use crate::ApiError;
 
+/// The bearer token of a role with one holder (the organizer API for now).
 #[derive(Clone)]
-pub struct RoleToken {
-    role: &'static str,
-    digest: Option<[u8; 32]>,
-}
+pub struct RoleToken(NamedTokens);
 
 impl RoleToken {
     pub fn new(role: &'static str, token: Option<&str>) -> Self {
-        let digest = token
+        let tokens = token
             .filter(|t| !t.is_empty())
-            .map(|t| sha2::Sha256::digest(t.as_bytes()).into());
-        RoleToken { role, digest }
+            .map(|t| (role.to_owned(), digest(t)))
+            .into_iter()
+            .collect();
+        RoleToken(NamedTokens { role, tokens })
     }
 
     /// 401 without a bearer token or with a wrong one; 403 if this role is not enabled.
     pub fn check(&self, parts: &Parts) -> Result<(), ApiError> {
-        let Some(expected) = &self.digest else {
-            return Err(ApiError::Forbidden(
-                "role_disabled",
-                format!("the {} API is not enabled on this deployment", self.role),
-            ));
-        };
-        let presented = bearer(parts).ok_or_else(|| {
-            ApiError::Unauthorized(
-                "credentials_missing",
-                format!("the {} API needs an Authorization: Bearer token", self.role),
-            )
-        })?;
-        let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
-        // Comparing digests in constant time: no timing signal about the token.
-        if constant_time_eq(&digest, expected) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized(
-                "credentials_invalid",
-                format!("that is not a valid {} token", self.role),
-            ))
-        }
+        self.0.check(parts).map(|_| ())
     }
 }
 
@@ -95,10 +75,11 @@ impl NamedTokens {
                 format!("the {} API needs an Authorization: Bearer token", self.role),
             )
         })?;
-        let digest: [u8; 32] = sha2::Sha256::digest(presented.as_bytes()).into();
+        let presented = digest(presented);
         let mut found = None;
+        // Every token is compared, in constant time: no timing signal about any of them.
         for (name, expected) in &self.tokens {
-            if constant_time_eq(&digest, expected) {
+            if constant_time_eq(&presented, expected) {
                 found = Some(name.clone());
             }
         }
@@ -109,6 +90,10 @@ impl NamedTokens {
             )
         })
     }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    sha2::Sha256::digest(token.as_bytes()).into()
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
