@@ -142,6 +142,85 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     Ok(())
 }
 
+/// One admission step's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// This instance does not hold the event's lease (any more): it admitted nobody.
+    NotLeader,
+    /// The draw's queue is not in Redis yet.
+    NotDrawn,
+    Admitted {
+        admitted: i64,
+        head: i64,
+        tail: i64,
+        active: i64,
+    },
+}
+
+/// Takes or renews the event's admission lease for `instance`; true while it holds it.
+pub async fn lead(
+    redis: &Redis,
+    event: EventId,
+    instance: &str,
+    lease_ms: u64,
+) -> anyhow::Result<bool> {
+    let leading: i64 = LEAD
+        .evalsha_with_reload(
+            redis.client(),
+            vec![redis.keys(event).leader()],
+            vec![instance.to_owned(), lease_ms.to_string()],
+        )
+        .await?;
+    Ok(leading == 1)
+}
+
+/// Admits up to `wanted` fans as `instance`, in one atomic script that re-checks the lease, the
+/// cap (`max_active`) and the tick id (a replayed `tick_id` admits nobody again).
+pub async fn admit(
+    redis: &Redis,
+    event: EventId,
+    instance: &str,
+    wanted: i64,
+    max_active: i64,
+    tick_id: &str,
+    claim_window_ms: i64,
+) -> anyhow::Result<Admission> {
+    let keys = redis.keys(event);
+    let result: Vec<i64> = ADMIT
+        .evalsha_with_reload(
+            redis.client(),
+            vec![
+                keys.leader(),
+                keys.drawn(),
+                keys.head(),
+                keys.tail(),
+                keys.slots(),
+                keys.last_tick(),
+                keys.sold_out(),
+                keys.left(),
+            ],
+            vec![
+                instance.to_owned(),
+                wanted.to_string(),
+                max_active.to_string(),
+                tick_id.to_owned(),
+                claim_window_ms.to_string(),
+            ],
+        )
+        .await?;
+    Ok(match result[..] {
+        [-1, ..] => Admission::NotLeader,
+        [-2, ..] => Admission::NotDrawn,
+        [admitted, head, tail, active] => Admission::Admitted {
+            admitted,
+            head,
+            tail,
+            active,
+        },
+        _ => anyhow::bail!("admission script returned {result:?}"),
+    })
+}
+
 async fn admit_tick(
     state: &AppState,
     instance: &str,
@@ -150,19 +229,7 @@ async fn admit_tick(
     tick_id: &str,
 ) -> anyhow::Result<()> {
     let id = event.event_id();
-    let keys = state.redis.keys(id);
-    let client = state.redis.client();
-    let leading: i64 = LEAD
-        .evalsha_with_reload(
-            client,
-            vec![keys.leader()],
-            vec![
-                instance.to_owned(),
-                state.config.leader_lease_ms.to_string(),
-            ],
-        )
-        .await?;
-    if leading != 1 {
+    if !lead(&state.redis, id, instance, state.config.leader_lease_ms).await? {
         led.remove(&id);
         return Ok(());
     }
@@ -182,43 +249,33 @@ async fn admit_tick(
     } else {
         entry.credit.floor() as i64
     };
-    let result: Vec<i64> = ADMIT
-        .evalsha_with_reload(
-            client,
-            vec![
-                keys.leader(),
-                keys.drawn(),
-                keys.head(),
-                keys.tail(),
-                keys.slots(),
-                keys.last_tick(),
-                keys.sold_out(),
-                keys.left(),
-            ],
-            vec![
-                instance.to_owned(),
-                wanted.to_string(),
-                event.max_active.to_string(),
-                tick_id.to_owned(),
-                (i64::from(event.claim_window_secs) * 1000).to_string(),
-            ],
-        )
-        .await?;
-    let [admitted, head, tail, active] = result[..] else {
-        anyhow::bail!("admission script returned {result:?}");
-    };
-    match admitted {
-        -1 => {
+    let outcome = admit(
+        &state.redis,
+        id,
+        instance,
+        wanted,
+        i64::from(event.max_active),
+        tick_id,
+        i64::from(event.claim_window_secs) * 1000,
+    )
+    .await?;
+    let (admitted, head, tail, active) = match outcome {
+        Admission::NotLeader => {
             led.remove(&id);
             return Ok(());
         }
-        -2 => {
+        Admission::NotDrawn => {
             // Not drawn yet: nothing accrues before the queue exists.
             entry.credit = 0.0;
             return Ok(());
         }
-        _ => {}
-    }
+        Admission::Admitted {
+            admitted,
+            head,
+            tail,
+            active,
+        } => (admitted, head, tail, active),
+    };
     // Demand the cap, a pause or an empty line blocked is dropped, not saved for a burst later.
     entry.credit -= entry.credit.floor();
     if admitted > 0 {
@@ -226,7 +283,11 @@ async fn admit_tick(
     }
     let snapshot = QueueState::of(event, true, head, tail, active);
     let payload = serde_json::to_string(&snapshot)?;
-    let _: i64 = client.publish(state.redis.state_channel(), payload).await?;
+    let _: i64 = state
+        .redis
+        .client()
+        .publish(state.redis.state_channel(), payload)
+        .await?;
     Ok(())
 }
 
