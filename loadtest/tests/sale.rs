@@ -1231,3 +1231,62 @@ async fn fans_who_leave_are_skipped_and_the_draw_still_verifies() {
     assert_eq!(stats["active"], 2, "the fan who left holds no slot");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_reconnecting_to_another_instance_keeps_their_place() {
+    use futures::StreamExt;
+
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack.event(10, chrono::Duration::seconds(1)).await;
+    // Paused: nobody moves, so a place seen twice must be the same place.
+    let paused = c
+        .http
+        .patch(format!(
+            "{}/api/v1/operator/events/{event}/controls",
+            c.endpoints.queue
+        ))
+        .bearer_auth(OPERATOR)
+        .json(&json!({ "paused": true }))
+        .send()
+        .await
+        .expect("pause");
+    assert_eq!(paused.status(), 200);
+    let fans: Vec<_> = futures::future::join_all((0..3).map(|_| c.join(event, None)))
+        .await
+        .into_iter()
+        .map(|f| f.expect("join"))
+        .collect();
+    let mut other = stack.queue_config.clone();
+    other.bind = "127.0.0.1:0".parse().expect("addr");
+    let second = queue::start(other, CancellationToken::new())
+        .await
+        .expect("second queue");
+
+    async fn place(base: &str, event: i64, ticket: &str) -> i64 {
+        let url = format!(
+            "{}/api/v1/events/{event}/ws?ticket={ticket}",
+            base.replacen("http", "ws", 1)
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("ws");
+        while let Some(Ok(message)) = socket.next().await {
+            let Ok(text) = message.to_text() else {
+                continue;
+            };
+            let status: Value = serde_json::from_str(text).expect("json");
+            if let Some(position) = status["position"].as_i64() {
+                return position;
+            }
+        }
+        panic!("the socket ended without a position");
+    }
+    for fan in &fans {
+        let here = place(&c.endpoints.queue, event, &fan.ticket).await;
+        let there = place(&second.url(), event, &fan.ticket).await;
+        assert_eq!(here, there, "the same place on every instance");
+    }
+    second.stop().await.expect("stop");
+    stack.stop().await;
+}
