@@ -3,7 +3,7 @@
 //! body is refused (422), and a retry while the first attempt runs gets 409. The card is charged
 //! with no row lock held; then one transaction locks the hold's seats, checks the hold still
 //! owns them, marks them sold, records the order (redeeming the pass's `jti`: one order per
-//! pass) and the stored answer. If the seats were lost meanwhile, the charge is refunded.
+//! buyer) and the stored answer. If the seats were lost meanwhile, the charge is refunded.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use shared::error::violated_constraint;
 use shared::extract::{Json, Path};
+use shared::ids::{EventId, TicketId};
 use shared::ApiError;
 use tracing::instrument;
 use uuid::Uuid;
@@ -57,8 +58,29 @@ pub struct OrderView {
     pub created_at: DateTime<Utc>,
 }
 
+/// Who a checkout acts for: taken from the pass at checkout, or from the payment record when
+/// reconciliation finishes a checkout interrupted by a crash.
+#[derive(Clone, Debug)]
+pub(crate) struct Buyer {
+    pub event: EventId,
+    pub jti: Uuid,
+    pub ticket: TicketId,
+    pub identity: String,
+}
+
+impl From<&Pass> for Buyer {
+    fn from(pass: &Pass) -> Self {
+        Buyer {
+            event: pass.event,
+            jti: pass.claims.jti,
+            ticket: pass.claims.tkt,
+            identity: pass.claims.sub.clone(),
+        }
+    }
+}
+
 /// The answer a finished checkout attempt gives to every retry with its key.
-struct Final {
+pub(crate) struct Final {
     status: StatusCode,
     body: serde_json::Value,
 }
@@ -98,6 +120,7 @@ async fn checkout(
     Json(request): Json<CheckoutRequest>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
+    let buyer = Buyer::from(&pass);
     if !is_known_token(&request.payment_token) {
         return Err(ApiError::Unprocessable(
             "invalid_field",
@@ -111,7 +134,7 @@ async fn checkout(
         "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
          VALUES ($1, $2, $3, 'running') ON CONFLICT DO NOTHING",
     )
-    .bind(pass.claims.jti)
+    .bind(buyer.jti)
     .bind(&key)
     .bind(&hash)
     .execute(&state.pg)
@@ -119,15 +142,15 @@ async fn checkout(
     .rows_affected()
         == 1;
     if !claimed {
-        return replay(&state, &pass, &key, &hash).await;
+        return replay(&state, &buyer, &key, &hash).await;
     }
 
-    match run(&state, &pass, &key, &request).await {
+    match run(&state, &buyer, &key, &request).await {
         Ok(done) => Ok((done.status, axum::Json(done.body)).into_response()),
         Err(e) => {
             // Nothing was charged or sold: free the key so a retry runs again.
             sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
-                .bind(pass.claims.jti)
+                .bind(buyer.jti)
                 .bind(&key)
                 .execute(&state.pg)
                 .await?;
@@ -138,7 +161,7 @@ async fn checkout(
 
 async fn replay(
     state: &AppState,
-    pass: &Pass,
+    buyer: &Buyer,
     key: &str,
     hash: &[u8],
 ) -> Result<Response, ApiError> {
@@ -151,7 +174,7 @@ async fn replay(
         "SELECT request_hash, state, status_code, response FROM checkout_requests
          WHERE jti = $1 AND idempotency_key = $2",
     )
-    .bind(pass.claims.jti)
+    .bind(buyer.jti)
     .bind(key)
     .fetch_one(&state.pg)
     .await?;
@@ -174,31 +197,31 @@ async fn replay(
 }
 
 #[derive(sqlx::FromRow)]
-struct HoldRow {
-    jti: Uuid,
-    seat_ids: Vec<i64>,
+pub(crate) struct HoldRow {
+    pub jti: Uuid,
+    pub seat_ids: Vec<i64>,
 }
 
 /// Runs a claimed checkout. `Err` means nothing happened (the key is freed); `Ok` is the final
 /// answer, already stored for retries when it follows a charge attempt.
 async fn run(
     state: &AppState,
-    pass: &Pass,
+    buyer: &Buyer,
     key: &str,
     request: &CheckoutRequest,
 ) -> Result<Final, ApiError> {
-    ensure_pass_unused(state, pass.claims.jti).await?;
+    ensure_pass_unused(state, buyer.jti).await?;
     let hold = sqlx::query_as::<_, HoldRow>(
         "SELECT jti, seat_ids FROM holds WHERE id = $1 AND event_id = $2",
     )
     .bind(request.hold_id)
-    .bind(pass.event.get())
+    .bind(buyer.event.get())
     .fetch_optional(&state.pg)
     .await?
-    .filter(|h| h.jti == pass.claims.jti)
+    .filter(|h| h.jti == buyer.jti)
     .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
     claim_hold(state, request.hold_id).await?;
-    let result = charge_and_commit(state, pass, key, request, &hold).await;
+    let result = charge_and_commit(state, buyer, key, request, &hold).await;
     // Whatever did not end in a purchase gives the hold back (it still expires on time).
     let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
     if !settled {
@@ -244,7 +267,7 @@ async fn claim_hold(state: &AppState, hold_id: Uuid) -> Result<(), ApiError> {
 
 async fn charge_and_commit(
     state: &AppState,
-    pass: &Pass,
+    buyer: &Buyer,
     key: &str,
     request: &CheckoutRequest,
     hold: &HoldRow,
@@ -256,14 +279,21 @@ async fn charge_and_commit(
     .fetch_one(&state.pg)
     .await?;
 
-    let payment_key = format!("{}:{key}", pass.claims.jti);
+    let payment_key = format!("{}:{key}", buyer.jti);
     sqlx::query(
-        "INSERT INTO payments (idempotency_key, provider, amount_cents, status)
-         VALUES ($1, $2, $3, 'pending') ON CONFLICT DO NOTHING",
+        "INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
+                               identity, ticket_id, hold_id, checkout_key)
+         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
     )
     .bind(&payment_key)
     .bind(state.payments.name())
     .bind(total)
+    .bind(buyer.event.get())
+    .bind(buyer.jti)
+    .bind(&buyer.identity)
+    .bind(buyer.ticket.0)
+    .bind(request.hold_id)
+    .bind(key)
     .execute(&state.pg)
     .await?;
     // No row lock is held here: the provider may take seconds.
@@ -278,17 +308,56 @@ async fn charge_and_commit(
                 "the payment provider did not answer; retry with the same Idempotency-Key".into(),
             )
         })?;
+    if state.config.fault_crash_after_charge && matches!(outcome, ChargeOutcome::Succeeded { .. }) {
+        // Fault injection for the reconciliation test: die between the charge and the order.
+        sqlx::query("UPDATE payments SET status = 'succeeded' WHERE idempotency_key = $1")
+            .bind(&payment_key)
+            .execute(&state.pg)
+            .await?;
+        tracing::error!("FAIRGATE_FAULT_CRASH_AFTER_CHARGE: aborting after the charge");
+        std::process::abort();
+    }
+    settle(
+        state,
+        buyer,
+        key,
+        request.hold_id,
+        hold,
+        total,
+        &payment_key,
+        outcome,
+    )
+    .await
+}
+
+/// Finishes a checkout once the provider has answered: a decline is recorded and answered 402;
+/// a charge becomes an order, or is refunded if the seats or the pass were lost meanwhile. Used
+/// by checkout and by reconciliation after a crash, so both decide the same way.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn settle(
+    state: &AppState,
+    buyer: &Buyer,
+    key: &str,
+    hold_id: Uuid,
+    hold: &HoldRow,
+    total: i64,
+    payment_key: &str,
+    outcome: ChargeOutcome,
+) -> Result<Final, ApiError> {
     let reference = match outcome {
         ChargeOutcome::Declined { code, message } => {
-            sqlx::query("UPDATE payments SET status = 'declined' WHERE idempotency_key = $1")
-                .bind(&payment_key)
-                .execute(&state.pg)
-                .await?;
+            sqlx::query(
+                "UPDATE payments SET status = 'declined', settled_at = now()
+                 WHERE idempotency_key = $1",
+            )
+            .bind(payment_key)
+            .execute(&state.pg)
+            .await?;
             let done = Final::error(&ApiError::PaymentRequired(
                 code,
                 format!("{message}; your seats stay held until the hold expires"),
             ));
-            store(&state.pg, pass, key, &done).await?;
+            store(&state.pg, buyer, key, &done).await?;
             return Ok(done);
         }
         ChargeOutcome::Succeeded { reference } => reference,
@@ -296,32 +365,35 @@ async fn charge_and_commit(
     sqlx::query(
         "UPDATE payments SET status = 'succeeded', provider_ref = $2 WHERE idempotency_key = $1",
     )
-    .bind(&payment_key)
+    .bind(payment_key)
     .bind(&reference)
     .execute(&state.pg)
     .await?;
 
-    match commit(state, pass, key, request.hold_id, hold, total, &reference).await {
+    match commit(state, buyer, key, hold_id, hold, total, &reference).await {
         Ok((done, sold_out)) => {
             if sold_out {
-                close_line(state, pass).await;
+                close_line(state, buyer).await;
             }
-            finish_shopper(state, pass).await;
+            finish_shopper(state, buyer).await;
             metrics::counter!("purchase_orders_total").increment(1);
             Ok(done)
         }
         Err(refused) if refused.status().is_client_error() => {
             // The seats or the pass were lost between charge and commit: give the money back.
             if let Err(e) = state.payments.refund(&reference).await {
-                tracing::error!(error = %e, payment = %payment_key, "refund failed; needs reconciliation");
-            } else {
-                sqlx::query("UPDATE payments SET status = 'refunded' WHERE idempotency_key = $1")
-                    .bind(&payment_key)
-                    .execute(&state.pg)
-                    .await?;
+                tracing::error!(error = %e, payment = %payment_key, "refund failed; reconciliation retries");
+                return Err(ApiError::internal("refund failed"));
             }
+            sqlx::query(
+                "UPDATE payments SET status = 'refunded', settled_at = now()
+                 WHERE idempotency_key = $1",
+            )
+            .bind(payment_key)
+            .execute(&state.pg)
+            .await?;
             let done = Final::error(&refused);
-            store(&state.pg, pass, key, &done).await?;
+            store(&state.pg, buyer, key, &done).await?;
             Ok(done)
         }
         Err(e) => Err(e),
@@ -332,7 +404,7 @@ async fn charge_and_commit(
 /// there is one).
 async fn store<'e>(
     db: impl sqlx::PgExecutor<'e>,
-    pass: &Pass,
+    buyer: &Buyer,
     key: &str,
     done: &Final,
 ) -> Result<(), ApiError> {
@@ -340,7 +412,7 @@ async fn store<'e>(
         "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
          WHERE jti = $1 AND idempotency_key = $2",
     )
-    .bind(pass.claims.jti)
+    .bind(buyer.jti)
     .bind(key)
     .bind(i32::from(done.status.as_u16()))
     .bind(&done.body)
@@ -352,7 +424,7 @@ async fn store<'e>(
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &AppState,
-    pass: &Pass,
+    buyer: &Buyer,
     key: &str,
     hold_id: Uuid,
     hold: &HoldRow,
@@ -384,9 +456,9 @@ async fn commit(
          VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
     )
     .bind(order_id)
-    .bind(pass.event.get())
-    .bind(pass.claims.jti)
-    .bind(&pass.claims.sub)
+    .bind(buyer.event.get())
+    .bind(buyer.jti)
+    .bind(&buyer.identity)
     .bind(hold_id)
     .bind(total)
     .bind(reference)
@@ -420,7 +492,7 @@ async fn commit(
         .await?;
     let view = OrderView {
         order_id,
-        event_id: pass.event.get(),
+        event_id: buyer.event.get(),
         hold_id,
         status: "paid".into(),
         total_cents: total,
@@ -439,14 +511,18 @@ async fn commit(
         status: StatusCode::CREATED,
         body: serde_json::to_value(&view).map_err(ApiError::internal)?,
     };
-    store(&mut *tx, pass, key, &done).await?;
+    store(&mut *tx, buyer, key, &done).await?;
+    sqlx::query("UPDATE payments SET settled_at = now() WHERE provider_ref = $1")
+        .bind(reference)
+        .execute(&mut *tx)
+        .await?;
     // The last seat sold: from now on the line is closed (the buffer answers 410).
     let sold_out = sqlx::query(
         "UPDATE events SET sold_out_at = now()
          WHERE id = $1 AND sold_out_at IS NULL AND NOT EXISTS (
              SELECT 1 FROM seats WHERE event_id = $1 AND status IN ('available', 'held'))",
     )
-    .bind(pass.event.get())
+    .bind(buyer.event.get())
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -462,12 +538,12 @@ fn ticket_code() -> String {
 
 /// Tells the admission controller the event is sold out, before the last buyer's slot is freed,
 /// so that slot cannot let one more fan in.
-async fn close_line(state: &AppState, pass: &Pass) {
+async fn close_line(state: &AppState, buyer: &Buyer) {
     let result: Result<(), _> = state
         .redis
         .client()
         .set(
-            state.redis.keys(pass.event).sold_out(),
+            state.redis.keys(buyer.event).sold_out(),
             1,
             None,
             None,
@@ -481,12 +557,12 @@ async fn close_line(state: &AppState, pass: &Pass) {
 
 /// Hands the shopper's slot back to the admission controller (idempotent: removing a removed
 /// slot does nothing).
-async fn finish_shopper(state: &AppState, pass: &Pass) {
-    let keys = state.redis.keys(pass.event);
+async fn finish_shopper(state: &AppState, buyer: &Buyer) {
+    let keys = state.redis.keys(buyer.event);
     let result: Result<i64, _> = state
         .redis
         .client()
-        .zrem(keys.slots(), format!("t:{}", pass.claims.tkt))
+        .zrem(keys.slots(), format!("t:{}", buyer.ticket))
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "could not release the shopper's admission slot");

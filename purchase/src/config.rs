@@ -41,6 +41,24 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_SANDBOX_FAILURE_RATE", default_value_t = 0.0)]
     pub sandbox_failure_rate: f64,
 
+    /// How often interrupted checkouts (charged or not, without an order) are reconciled, in ms.
+    #[arg(long, env = "FAIRGATE_RECONCILE_MS", default_value_t = 10_000)]
+    pub reconcile_ms: u64,
+
+    /// A payment still unsettled this many seconds after it began is reconciled (longer than
+    /// any live checkout can take).
+    #[arg(long, env = "FAIRGATE_RECONCILE_GRACE_SECS", default_value_t = 120)]
+    pub reconcile_grace_secs: u64,
+
+    /// Test fault: abort the process right after a successful charge, before the order.
+    #[arg(
+        long,
+        env = "FAIRGATE_FAULT_CRASH_AFTER_CHARGE",
+        hide = true,
+        default_value_t = false
+    )]
+    pub fault_crash_after_charge: bool,
+
     #[command(flatten)]
     pub common: CommonConfig,
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod organizer;
 pub mod passgate;
 pub mod payments;
+pub mod reconcile;
 pub mod seats;
 
 use std::sync::Arc;
@@ -60,6 +61,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let state = AppState {
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         payments: Arc::new(payments::Sandbox::new(
+            pg.clone(),
             Duration::from_millis(config.sandbox_latency_ms),
             config.sandbox_failure_rate,
         )),
@@ -71,6 +73,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let listener = TcpListener::bind(state.config.bind).await?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "purchase service listening");
+    running.spawn(reconcile::run(state.clone(), shutdown.clone()));
     running.spawn(seats::run_hold_sweeper(state, shutdown));
     Ok(running)
 }

