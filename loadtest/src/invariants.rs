@@ -42,7 +42,7 @@ const CHECKS: &[(&str, &str)] = &[
     ),
     (
         "every_order_paid",
-        "SELECT count(*) FROM orders o WHERE o.event_id = $1 AND NOT EXISTS (
+        "SELECT count(*) FROM orders o WHERE o.event_id = $1 AND o.status = 'paid' AND NOT EXISTS (
            SELECT 1 FROM payments pay
            WHERE pay.provider_ref = o.payment_ref AND pay.status = 'succeeded')",
     ),

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 const ORGANIZER: &str = "test-organizer-token";
 const OPERATOR: &str = "alice-operator-token-0123";
+const SUPPORT: &str = "sam-support-token-0123456";
 
 struct Stack {
     env: TestEnv,
@@ -56,6 +57,7 @@ impl Stack {
         purchase_config.bind = "127.0.0.1:0".parse().expect("addr");
         purchase_config.jwks_url = format!("{}/.well-known/jwks.json", queue.url());
         purchase_config.organizer_token = Some(ORGANIZER.into());
+        purchase_config.support_tokens = Some(format!("sam:{SUPPORT}"));
         purchase_config.common = env.common_config();
         let purchase = purchase::start(purchase_config, shutdown.child_token())
             .await
@@ -1288,5 +1290,121 @@ async fn a_fan_reconnecting_to_another_instance_keeps_their_place() {
         assert_eq!(here, there, "the same place on every instance");
     }
     second.stop().await.expect("stop");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_racing_a_purchase_of_the_same_seat_never_sells_it_twice() {
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let purchase = c.endpoints.purchase.clone();
+    let event = stack
+        .create(SaleSpec {
+            seats_per_fan: 1,
+            ..spec("Second chance", 1, chrono::Duration::seconds(1))
+        })
+        .await;
+    let a = c.join(event, None).await.expect("join");
+    let b = c.join(event, None).await.expect("join");
+    let (pass_a, _) = c
+        .wait_for_pass(event, &a.ticket, Duration::from_secs(30))
+        .await
+        .expect("pass");
+    let (pass_b, _) = c
+        .wait_for_pass(event, &b.ticket, Duration::from_secs(30))
+        .await
+        .expect("pass");
+    let seat = c.seats(event, &pass_a.pass).await.expect("seats")[0].id;
+    let hold = c.hold(event, &pass_a.pass, &[seat]).await.expect("hold");
+    let order_a = c
+        .checkout(event, &pass_a.pass, hold.hold_id, "a", "tok_visa")
+        .await
+        .expect("a buys the only seat");
+
+    // B keeps trying for the seat while support refunds A.
+    let grab = async {
+        for _ in 0..300 {
+            match c.hold(event, &pass_b.pass, &[seat]).await {
+                Ok(hold) => {
+                    return Some(
+                        c.checkout(event, &pass_b.pass, hold.hold_id, "b", "tok_visa")
+                            .await
+                            .expect("b buys the returned seat"),
+                    );
+                }
+                Err(e) => assert_eq!(status_of(&e), (409, "seat_unavailable".into())),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    };
+    let refund = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.http
+            .post(format!(
+                "{purchase}/api/v1/support/orders/{}/refund",
+                order_a.order_id
+            ))
+            .bearer_auth(SUPPORT)
+            .send()
+            .await
+            .expect("refund")
+    };
+    let (bought, refunded) = tokio::join!(grab, refund);
+    assert_eq!(refunded.status(), 200);
+    let refunded: Value = refunded.json().await.expect("json");
+    assert_eq!(refunded["status"], "refunded");
+    assert_eq!(refunded["seats_returned"], json!([seat]));
+    let order_b = bought.expect("the refunded seat was bought again");
+    assert_eq!(order_b.tickets[0].seat_id, seat);
+
+    // Refusals: twice, unknown, no credentials.
+    let again = c
+        .http
+        .post(format!(
+            "{purchase}/api/v1/support/orders/{}/refund",
+            order_a.order_id
+        ))
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(again.status(), 409);
+    let unknown = c
+        .http
+        .post(format!(
+            "{purchase}/api/v1/support/orders/{}/refund",
+            uuid::Uuid::new_v4()
+        ))
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(unknown.status(), 404);
+    let anonymous = c
+        .http
+        .post(format!(
+            "{purchase}/api/v1/support/orders/{}/refund",
+            order_b.order_id
+        ))
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(anonymous.status(), 401);
+
+    let pg = stack.env.pool().await;
+    let checks = invariants::check(&pg, event).await.expect("invariants");
+    assert!(checks.values().all(|v| *v), "{checks:?}");
+    let (valid_tickets, refunded_charges, live_charges): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tickets WHERE seat_id = $1 AND status = 'valid'),
+                (SELECT count(*) FROM sandbox_charges WHERE refunded),
+                (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded' AND NOT refunded)",
+    )
+    .bind(seat)
+    .fetch_one(&pg)
+    .await
+    .expect("counts");
+    assert_eq!((valid_tickets, refunded_charges, live_charges), (1, 1, 1));
+    pg.close().await;
     stack.stop().await;
 }

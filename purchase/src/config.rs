@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_ORGANIZER_TOKEN", hide_env_values = true)]
     pub organizer_token: Option<String>,
 
+    /// Support API tokens as `name:token` pairs, comma-separated (16+ characters each); the
+    /// name is recorded on refunds. The organizer token is accepted there too.
+    #[arg(long, env = "FAIRGATE_SUPPORT_TOKENS", hide_env_values = true)]
+    pub support_tokens: Option<String>,
+
     /// How long a hold keeps seats, in seconds.
     #[arg(long, env = "FAIRGATE_HOLD_TTL_SECS", default_value_t = 300)]
     pub hold_ttl_secs: u64,

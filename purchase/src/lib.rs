@@ -12,6 +12,7 @@ pub mod organizer;
 pub mod passgate;
 pub mod payments;
 pub mod reconcile;
+pub mod refunds;
 pub mod seats;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub passes: passgate::PassKeys,
     pub payments: Arc<dyn payments::PaymentProvider>,
     pub organizer: RoleToken,
+    pub support: shared::auth::NamedTokens,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -48,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .merge(organizer::router())
         .merge(seats::router())
         .merge(checkout::router())
+        .merge(refunds::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -60,6 +63,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     let state = AppState {
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
+        support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
         payments: Arc::new(payments::Sandbox::new(
             pg.clone(),
             Duration::from_millis(config.sandbox_latency_ms),

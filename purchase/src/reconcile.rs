@@ -42,8 +42,25 @@ struct Unsettled {
     checkout_key: Option<String>,
 }
 
-/// Settles every payment left unsettled past the grace period; returns how many.
+/// Settles every payment left unsettled past the grace period, and finishes refunds whose
+/// provider call was interrupted; returns how many.
 pub async fn reconcile_once(state: &AppState) -> Result<usize, ApiError> {
+    let refunding: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, payment_ref FROM orders
+         WHERE status = 'refunding' AND refunded_at < now() - make_interval(secs => $1)
+         LIMIT 100",
+    )
+    .bind(state.config.reconcile_grace_secs as f64)
+    .fetch_all(&state.pg)
+    .await?;
+    let finished = refunding.len();
+    for (order, reference) in refunding {
+        crate::refunds::finish_refund(state, order, &reference).await?;
+    }
+    Ok(finished + settle_payments(state).await?)
+}
+
+async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
     let stale = sqlx::query_as::<_, Unsettled>(
         "SELECT idempotency_key, amount_cents, event_id, jti, identity, ticket_id, hold_id,
                 checkout_key

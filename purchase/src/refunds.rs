@@ -1,0 +1,147 @@
+//! Refunds by support staff (or the organizer): `POST /api/v1/support/orders/{order_id}/refund`.
+//! In one transaction the order's tickets are voided and its seats return to sale (locked in id
+//! order, like every other seat change), and the event is no longer sold out; the order is then
+//! `refunding`. The provider refund follows the commit (no lock held across it) and marks the
+//! order `refunded`; if that call is interrupted, reconciliation finishes it. A seat is therefore
+//! never on two valid tickets, and money is returned only for seats back on sale.
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::routing::post;
+use axum::Router;
+use fred::prelude::*;
+use serde::{Deserialize, Serialize};
+use shared::extract::{Json, Path};
+use shared::ids::EventId;
+use shared::ApiError;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::seats::lock_seats;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/support/orders/{order_id}/refund", post(refund))
+}
+
+/// Support staff by name, or the organizer.
+pub struct Staff(pub String);
+
+impl FromRequestParts<AppState> for Staff {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match state.support.check(parts) {
+            Ok(name) => Ok(Staff(name)),
+            Err(support_refusal) => state
+                .organizer
+                .check(parts)
+                .map(|()| Staff("organizer".into()))
+                .map_err(|_| support_refusal),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Refunded {
+    pub order_id: Uuid,
+    pub status: String,
+    pub seats_returned: Vec<i64>,
+}
+
+#[instrument(skip_all, fields(order = %order_id))]
+async fn refund(
+    State(state): State<AppState>,
+    Staff(actor): Staff,
+    Path(order_id): Path<Uuid>,
+) -> Result<Json<Refunded>, ApiError> {
+    let mut tx = state.pg.begin().await?;
+    let (event_id, status, payment_ref): (i64, String, String) =
+        sqlx::query_as("SELECT event_id, status, payment_ref FROM orders WHERE id = $1 FOR UPDATE")
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("order_not_found", "no such order".into()))?;
+    if status != "paid" {
+        return Err(ApiError::Conflict(
+            "already_refunded",
+            format!("this order is already {status}"),
+        ));
+    }
+    let event = EventId::new(event_id).ok_or_else(|| ApiError::internal("bad event id"))?;
+    let seat_ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT seat_id FROM tickets WHERE order_id = $1 AND status = 'valid' ORDER BY seat_id",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    lock_seats(&mut tx, Some(event), &seat_ids).await?;
+    sqlx::query("UPDATE tickets SET status = 'void' WHERE order_id = $1")
+        .bind(order_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
+         WHERE id = ANY($1) AND status = 'sold'",
+    )
+    .bind(&seat_ids)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE orders SET status = 'refunding', refunded_at = now(), refunded_by = $2
+         WHERE id = $1",
+    )
+    .bind(order_id)
+    .bind(&actor)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE events SET sold_out_at = NULL WHERE id = $1")
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
+    // The line reopens: admissions may resume.
+    let reopened: Result<i64, _> = state
+        .redis
+        .client()
+        .del(state.redis.keys(event).sold_out())
+        .await;
+    if let Err(e) = reopened {
+        tracing::warn!(error = %e, "could not clear the sold-out flag");
+    }
+    let status = match finish_refund(&state, order_id, &payment_ref).await {
+        Ok(()) => "refunded",
+        Err(e) => {
+            tracing::warn!(error = %e, "provider refund pending; reconciliation retries it");
+            "refunding"
+        }
+    };
+    metrics::counter!("purchase_refunds_total").increment(1);
+    Ok(Json(Refunded {
+        order_id,
+        status: status.into(),
+        seats_returned: seat_ids,
+    }))
+}
+
+/// Returns the money of an order whose seats are already back on sale.
+pub async fn finish_refund(
+    state: &AppState,
+    order_id: Uuid,
+    payment_ref: &str,
+) -> Result<(), ApiError> {
+    state
+        .payments
+        .refund(payment_ref)
+        .await
+        .map_err(|e| ApiError::Unavailable("payment_unavailable", e.to_string()))?;
+    sqlx::query("UPDATE payments SET status = 'refunded' WHERE provider_ref = $1")
+        .bind(payment_ref)
+        .execute(&state.pg)
+        .await?;
+    sqlx::query("UPDATE orders SET status = 'refunded' WHERE id = $1 AND status = 'refunding'")
+        .bind(order_id)
+        .execute(&state.pg)
+        .await?;
+    Ok(())
+}
