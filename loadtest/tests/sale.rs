@@ -1392,6 +1392,41 @@ async fn a_refund_racing_a_purchase_of_the_same_seat_never_sells_it_twice() {
         .expect("req");
     assert_eq!(anonymous.status(), 401);
 
+    // Support sees the fan's refunded order and who refunded it; the organizer's report counts
+    // the resale once.
+    let history: Value = c
+        .http
+        .get(format!("{purchase}/api/v1/support/orders"))
+        .query(&[("identity", format!("anon:{}", a.ticket_id))])
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("lookup")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(history[0]["status"], "refunded");
+    assert_eq!(history[0]["refunded_by"], "sam");
+    let report: Value = c
+        .http
+        .get(format!("{purchase}/api/v1/organizer/events/{event}/report"))
+        .bearer_auth(ORGANIZER)
+        .send()
+        .await
+        .expect("report")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (
+            &report["sold"],
+            &report["revenue_cents"],
+            &report["orders_paid"],
+            &report["orders_refunded"]
+        ),
+        (&json!(1), &json!(5000), &json!(1), &json!(1))
+    );
+
     let pg = stack.env.pool().await;
     let checks = invariants::check(&pg, event).await.expect("invariants");
     assert!(checks.values().all(|v| *v), "{checks:?}");

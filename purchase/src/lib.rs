@@ -13,6 +13,7 @@ pub mod passgate;
 pub mod payments;
 pub mod reconcile;
 pub mod refunds;
+pub mod reports;
 pub mod seats;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(seats::router())
         .merge(checkout::router())
         .merge(refunds::router())
+        .merge(reports::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
