@@ -89,6 +89,32 @@ impl Stack {
             .expect("event created")
     }
 
+    /// Pauses or resumes admissions through the operator API.
+    async fn pause(&self, event: i64, paused: bool) {
+        let answer = self
+            .client
+            .http
+            .patch(format!(
+                "{}/api/v1/operator/events/{event}/controls",
+                self.client.endpoints.queue
+            ))
+            .bearer_auth(OPERATOR)
+            .json(&json!({ "paused": paused }))
+            .send()
+            .await
+            .expect("controls");
+        assert_eq!(answer.status(), 200);
+    }
+
+    /// `n` anonymous fans join at once.
+    async fn join_many(&self, event: i64, n: usize) -> Vec<fairgate_loadtest::client::Joined> {
+        futures::future::join_all((0..n).map(|_| self.client.join(event, None)))
+            .await
+            .into_iter()
+            .map(|f| f.expect("join"))
+            .collect()
+    }
+
     async fn stop(self) {
         for app in self.apps {
             app.stop().await.expect("clean shutdown");
@@ -650,11 +676,7 @@ async fn the_cap_on_active_shoppers_is_never_exceeded() {
             ..spec("Capped", 10, chrono::Duration::seconds(1))
         })
         .await;
-    let fans: Vec<_> = futures::future::join_all((0..5).map(|_| c.join(event, None)))
-        .await
-        .into_iter()
-        .map(|f| f.expect("join"))
-        .collect();
+    let fans = stack.join_many(event, 5).await;
     let mut waiting = tokio::task::JoinSet::new();
     for fan in &fans {
         let c = c.clone();
@@ -934,20 +956,8 @@ async fn operators_pause_message_and_resume_a_live_sale_with_an_audit_trail() {
         .expect("req");
     assert_eq!(unknown.status(), 404);
 
-    let paused = c
-        .http
-        .patch(&controls)
-        .bearer_auth(OPERATOR)
-        .json(&json!({"paused": true}))
-        .send()
-        .await
-        .expect("req");
-    assert_eq!(paused.status(), 200);
-    let fans: Vec<_> = futures::future::join_all((0..5).map(|_| c.join(event, None)))
-        .await
-        .into_iter()
-        .map(|f| f.expect("join"))
-        .collect();
+    stack.pause(event, true).await;
+    let fans = stack.join_many(event, 5).await;
 
     // A waiter sees the pause and the operators' message.
     let url = format!(
@@ -1142,20 +1152,8 @@ async fn fans_who_leave_are_skipped_and_the_draw_still_verifies() {
     let c = &stack.client;
     let queue = c.endpoints.queue.clone();
     let event = stack.event(10, chrono::Duration::seconds(2)).await;
-    let controls = format!("{queue}/api/v1/operator/events/{event}/controls");
-    let pause = |paused: bool| {
-        c.http
-            .patch(&controls)
-            .bearer_auth(OPERATOR)
-            .json(&json!({ "paused": paused }))
-            .send()
-    };
-    assert_eq!(pause(true).await.expect("pause").status(), 200);
-    let fans: Vec<_> = futures::future::join_all((0..4).map(|_| c.join(event, None)))
-        .await
-        .into_iter()
-        .map(|f| f.expect("join"))
-        .collect();
+    stack.pause(event, true).await;
+    let fans = stack.join_many(event, 4).await;
     let leave = |ticket: &str| {
         c.http
             .post(format!("{queue}/api/v1/events/{event}/leave"))
@@ -1199,7 +1197,7 @@ async fn fans_who_leave_are_skipped_and_the_draw_still_verifies() {
         .await
         .expect("json");
     assert_eq!(late, json!({"left": true, "before_draw": false}));
-    assert_eq!(pause(false).await.expect("resume").status(), 200);
+    stack.pause(event, false).await;
     for ticket in &order[1..] {
         let fan = fans.iter().find(|f| f.ticket_id == *ticket).expect("fan");
         c.wait_for_pass(event, &fan.ticket, Duration::from_secs(30))
@@ -1242,23 +1240,8 @@ async fn a_fan_reconnecting_to_another_instance_keeps_their_place() {
     let c = &stack.client;
     let event = stack.event(10, chrono::Duration::seconds(1)).await;
     // Paused: nobody moves, so a place seen twice must be the same place.
-    let paused = c
-        .http
-        .patch(format!(
-            "{}/api/v1/operator/events/{event}/controls",
-            c.endpoints.queue
-        ))
-        .bearer_auth(OPERATOR)
-        .json(&json!({ "paused": true }))
-        .send()
-        .await
-        .expect("pause");
-    assert_eq!(paused.status(), 200);
-    let fans: Vec<_> = futures::future::join_all((0..3).map(|_| c.join(event, None)))
-        .await
-        .into_iter()
-        .map(|f| f.expect("join"))
-        .collect();
+    stack.pause(event, true).await;
+    let fans = stack.join_many(event, 3).await;
     let mut other = stack.queue_config.clone();
     other.bind = "127.0.0.1:0".parse().expect("addr");
     let second = queue::start(other, CancellationToken::new())

@@ -330,6 +330,20 @@ async fn charge_and_commit(
     .await
 }
 
+/// Records how a payment ended (`declined`, `refunded`, `abandoned`): it needs no more care.
+pub(crate) async fn mark_settled(
+    pg: &sqlx::PgPool,
+    payment_key: &str,
+    status: &str,
+) -> Result<(), ApiError> {
+    sqlx::query("UPDATE payments SET status = $2, settled_at = now() WHERE idempotency_key = $1")
+        .bind(payment_key)
+        .bind(status)
+        .execute(pg)
+        .await?;
+    Ok(())
+}
+
 /// Finishes a checkout once the provider has answered: a decline is recorded and answered 402;
 /// a charge becomes an order, or is refunded if the seats or the pass were lost meanwhile. Used
 /// by checkout and by reconciliation after a crash, so both decide the same way.
@@ -346,13 +360,7 @@ pub(crate) async fn settle(
 ) -> Result<Final, ApiError> {
     let reference = match outcome {
         ChargeOutcome::Declined { code, message } => {
-            sqlx::query(
-                "UPDATE payments SET status = 'declined', settled_at = now()
-                 WHERE idempotency_key = $1",
-            )
-            .bind(payment_key)
-            .execute(&state.pg)
-            .await?;
+            mark_settled(&state.pg, payment_key, "declined").await?;
             let done = Final::error(&ApiError::PaymentRequired(
                 code,
                 format!("{message}; your seats stay held until the hold expires"),
@@ -385,13 +393,7 @@ pub(crate) async fn settle(
                 tracing::error!(error = %e, payment = %payment_key, "refund failed; reconciliation retries");
                 return Err(ApiError::internal("refund failed"));
             }
-            sqlx::query(
-                "UPDATE payments SET status = 'refunded', settled_at = now()
-                 WHERE idempotency_key = $1",
-            )
-            .bind(payment_key)
-            .execute(&state.pg)
-            .await?;
+            mark_settled(&state.pg, payment_key, "refunded").await?;
             let done = Final::error(&refused);
             store(&state.pg, buyer, key, &done).await?;
             Ok(done)

@@ -12,7 +12,7 @@ use shared::ApiError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::checkout::{settle, Buyer, HoldRow};
+use crate::checkout::{mark_settled, settle, Buyer, HoldRow};
 use crate::AppState;
 
 pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -115,13 +115,7 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
             }
             None => {
                 // The provider never saw it: nothing was charged; the client may simply retry.
-                sqlx::query(
-                    "UPDATE payments SET status = 'abandoned', settled_at = now()
-                     WHERE idempotency_key = $1",
-                )
-                .bind(&payment.idempotency_key)
-                .execute(&state.pg)
-                .await?;
+                mark_settled(&state.pg, &payment.idempotency_key, "abandoned").await?;
                 sqlx::query(
                     "DELETE FROM checkout_requests
                      WHERE jti = $1 AND idempotency_key = $2 AND state = 'running'",
