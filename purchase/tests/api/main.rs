@@ -110,6 +110,10 @@ fn pass(signer: &Signer, event: i64) -> String {
 }
 
 async fn create_event(http: &reqwest::Client, url: &str) -> i64 {
+    create_event_with(http, url, 1, 4).await
+}
+
+async fn create_event_with(http: &reqwest::Client, url: &str, rows: i32, per_row: i32) -> i64 {
     let now = chrono::Utc::now();
     let created: Value = http
         .post(format!("{url}/api/v1/organizer/events"))
@@ -122,7 +126,7 @@ async fn create_event(http: &reqwest::Client, url: &str) -> i64 {
                 "sale_ends_at": now + chrono::Duration::hours(3),
                 "rate_per_minute": 60, "max_active": 10
             },
-            "seat_map": { "sections": [{ "name": "A", "rows": 1, "seats_per_row": 4, "price_cents": 2500 }] }
+            "seat_map": { "sections": [{ "name": "A", "rows": rows, "seats_per_row": per_row, "price_cents": 2500 }] }
         }))
         .send()
         .await
@@ -287,6 +291,128 @@ async fn a_crash_between_charge_and_order_is_reconciled_into_a_sale_or_a_refund(
         .expect("seat");
     assert_ne!(status, "sold", "a refunded seat is not sold");
     drop(restarted);
+    pg.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_buyers_on_ten_seats_never_oversell() {
+    use clap::Parser;
+    use rand::seq::IndexedRandom;
+
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let jwks = serve_jwks(&signer).await;
+    let mut config = purchase::Config::parse_from(["purchase"]);
+    config.bind = "127.0.0.1:0".parse().expect("addr");
+    config.jwks_url = jwks;
+    config.organizer_token = Some(ORGANIZER.into());
+    config.common = env.common_config();
+    let app = purchase::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("purchase starts");
+    let url = app.url();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1000)
+        .build()
+        .expect("client");
+    let event = create_event_with(&http, &url, 1, 10).await;
+    let probe = pass(&signer, event);
+    let seats: Vec<i64> = http
+        .get(format!("{url}/api/v1/events/{event}/seats"))
+        .bearer_auth(&probe)
+        .send()
+        .await
+        .expect("seats")
+        .json::<Vec<Value>>()
+        .await
+        .expect("json")
+        .iter()
+        .filter_map(|s| s["id"].as_i64())
+        .collect();
+    assert_eq!(seats.len(), 10);
+
+    // A thousand fans at once: half want one seat, half two overlapping ones; each holds and,
+    // if it got its seats, pays.
+    let outcomes = futures::future::join_all((0..1000).map(|i| {
+        let (http, url, signer, seats) = (http.clone(), url.clone(), &signer, &seats);
+        async move {
+            let fan = pass(signer, event);
+            let want: Vec<i64> = seats
+                .choose_multiple(&mut rand::rng(), 1 + i % 2)
+                .copied()
+                .collect();
+            let hold = http
+                .post(format!("{url}/api/v1/events/{event}/holds"))
+                .bearer_auth(&fan)
+                .json(&json!({ "seat_ids": want }))
+                .send()
+                .await
+                .expect("hold");
+            match hold.status().as_u16() {
+                201 => {}
+                409 => return (409, 0),
+                other => panic!("hold answered {other}: {:?}", hold.text().await),
+            }
+            let hold: Value = hold.json().await.expect("json");
+            let paid = http
+                .post(format!("{url}/api/v1/events/{event}/checkout"))
+                .bearer_auth(&fan)
+                .header("Idempotency-Key", format!("k-{i}"))
+                .json(&json!({ "hold_id": hold["hold_id"], "payment_token": "tok_visa" }))
+                .send()
+                .await
+                .expect("checkout");
+            let status = paid.status().as_u16();
+            assert_eq!(
+                status,
+                201,
+                "a held seat could not be paid: {:?}",
+                paid.text().await
+            );
+            (201, want.len())
+        }
+    }))
+    .await;
+    let bought: usize = outcomes.iter().map(|(_, n)| n).sum();
+    let buyers = outcomes.iter().filter(|(s, _)| *s == 201).count();
+    let refused = outcomes.iter().filter(|(s, _)| *s == 409).count();
+    assert!((1..=10).contains(&bought), "{bought} seats bought");
+    assert_eq!(
+        buyers + refused,
+        1000,
+        "every fan either bought or was told the seat was taken"
+    );
+
+    let violations: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM (SELECT seat_id FROM tickets WHERE status = 'valid'
+                                  GROUP BY seat_id HAVING count(*) > 1) AS d),
+           (SELECT count(*) FROM seats s WHERE s.event_id = $1 AND (s.status = 'sold') <>
+                 EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = s.id AND t.status = 'valid')),
+           (SELECT abs((SELECT count(*) FROM orders WHERE event_id = $1)
+                     - (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded'))),
+           (SELECT count(*) FROM holds h WHERE h.status = 'active' AND EXISTS (
+                 SELECT 1 FROM unnest(h.seat_ids) AS sid JOIN seats s ON s.id = sid
+                 WHERE s.hold_id IS DISTINCT FROM h.id AND s.status <> 'sold'))",
+    )
+    .bind(event)
+    .fetch_one(&pg)
+    .await
+    .expect("checks");
+    assert_eq!(
+        violations,
+        (0, 0, 0, 0),
+        "(seats on two valid tickets, sold seats without a ticket or vice versa, \
+         orders vs charges, partially held holds)"
+    );
+    let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM seats WHERE status = 'sold'")
+        .fetch_one(&pg)
+        .await
+        .expect("sold");
+    assert_eq!(sold as usize, bought, "every seat bought is sold, once");
+    app.stop().await.expect("stop");
     pg.close().await;
     env.cleanup().await;
 }
