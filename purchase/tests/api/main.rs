@@ -92,6 +92,24 @@ async fn serve_jwks(signer: &Signer) -> String {
     format!("http://{addr}/.well-known/jwks.json")
 }
 
+/// The purchase service in this process, trusting `signer`'s passes; `tune` adjusts its config.
+async fn in_process(
+    env: &TestEnv,
+    signer: &Signer,
+    tune: impl FnOnce(&mut purchase::Config),
+) -> shared::server::RunningApp {
+    use clap::Parser;
+    let mut config = purchase::Config::parse_from(["purchase"]);
+    config.bind = "127.0.0.1:0".parse().expect("addr");
+    config.jwks_url = serve_jwks(signer).await;
+    config.organizer_token = Some(ORGANIZER.into());
+    config.common = env.common_config();
+    tune(&mut config);
+    purchase::start(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("purchase starts")
+}
+
 fn pass(signer: &Signer, event: i64) -> String {
     let now = chrono::Utc::now().timestamp();
     let claims = PassClaims {
@@ -297,21 +315,12 @@ async fn a_crash_between_charge_and_order_is_reconciled_into_a_sale_or_a_refund(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_buyers_on_ten_seats_never_oversell() {
-    use clap::Parser;
     use rand::seq::IndexedRandom;
 
     let env = TestEnv::new().await;
     let pg = env.pool().await;
     let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
-    let jwks = serve_jwks(&signer).await;
-    let mut config = purchase::Config::parse_from(["purchase"]);
-    config.bind = "127.0.0.1:0".parse().expect("addr");
-    config.jwks_url = jwks;
-    config.organizer_token = Some(ORGANIZER.into());
-    config.common = env.common_config();
-    let app = purchase::start(config, tokio_util::sync::CancellationToken::new())
-        .await
-        .expect("purchase starts");
+    let app = in_process(&env, &signer, |_| {}).await;
     let url = app.url();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1000)
@@ -412,6 +421,106 @@ async fn a_thousand_buyers_on_ten_seats_never_oversell() {
         .await
         .expect("sold");
     assert_eq!(sold as usize, bought, "every seat bought is sold, once");
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_expiring_while_the_card_is_charged_is_refunded_not_sold() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    // The provider takes longer than the hold lives.
+    let app = in_process(&env, &signer, |c| {
+        c.hold_ttl_secs = 1;
+        c.sandbox_latency_ms = 1_500;
+    })
+    .await;
+    let url = app.url();
+    let http = reqwest::Client::new();
+    let event = create_event(&http, &url).await;
+    let fan = pass(&signer, event);
+    let (seat, hold) = hold_one(&http, &url, event, &fan).await;
+    let answer = checkout(&http, &url, event, &fan, &hold)
+        .await
+        .expect("checkout");
+    assert_eq!(answer.status(), 409);
+    let body: Value = answer.json().await.expect("json");
+    assert_eq!(body["error"], "hold_expired");
+    let (orders, refunded, payment, seat_status): (i64, bool, String, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders),
+                (SELECT refunded FROM sandbox_charges),
+                (SELECT status FROM payments),
+                (SELECT status FROM seats WHERE id = $1)",
+    )
+    .bind(seat)
+    .fetch_one(&pg)
+    .await
+    .expect("state");
+    assert_eq!(orders, 0, "no order for an expired hold");
+    assert!(refunded, "the charge was refunded");
+    assert_eq!(payment, "refunded");
+    assert_ne!(seat_status, "sold");
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_parallel_checkouts_with_one_pass_buy_once() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let app = in_process(&env, &signer, |c| c.sandbox_latency_ms = 20).await;
+    let url = app.url();
+    let http = reqwest::Client::new();
+    let event = create_event(&http, &url).await;
+    let fan = pass(&signer, event);
+    let (_, hold) = hold_one(&http, &url, event, &fan).await;
+    let answers = futures::future::join_all((0..50).map(|i| {
+        let (http, url, fan, hold) = (http.clone(), url.clone(), fan.clone(), hold.clone());
+        async move {
+            // A third reuse one key, the rest bring their own.
+            let key = if i % 3 == 0 {
+                "shared".to_owned()
+            } else {
+                format!("k{i}")
+            };
+            let answer = http
+                .post(format!("{url}/api/v1/events/{event}/checkout"))
+                .bearer_auth(&fan)
+                .header("Idempotency-Key", key)
+                .json(&json!({ "hold_id": hold, "payment_token": "tok_visa" }))
+                .send()
+                .await
+                .expect("checkout");
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.expect("json");
+            (status, body)
+        }
+    }))
+    .await;
+    let orders: std::collections::HashSet<String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .filter_map(|(_, b)| b["order_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(orders.len(), 1, "one order, however many checkouts");
+    for (status, body) in &answers {
+        assert!(
+            *status == 201 || *status == 409,
+            "only the order or a conflict: {status} {body}"
+        );
+    }
+    let (db_orders, charges): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders),
+                (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded' AND NOT refunded)",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("counts");
+    assert_eq!((db_orders, charges), (1, 1), "one order, one charge");
     app.stop().await.expect("stop");
     pg.close().await;
     env.cleanup().await;
