@@ -19,7 +19,7 @@ const ZADD_CHUNK: usize = 5_000;
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
--- KEYS: build, queue, tail, drawn   ARGV: highest position
+-- KEYS: build, queue, tail, drawn, head   ARGV: highest position, furthest position admitted
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('DEL', KEYS[1])
   return 0
@@ -32,6 +32,10 @@ end
 local tail = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tonumber(ARGV[1]) > tail then
   redis.call('SET', KEYS[3], ARGV[1])
+end
+local head = tonumber(redis.call('GET', KEYS[5]) or '0')
+if tonumber(ARGV[2]) > head then
+  redis.call('SET', KEYS[5], ARGV[2])
 end
 redis.call('SET', KEYS[4], '1')
 return 1
@@ -115,7 +119,8 @@ pub async fn publish(
         .buffer_unordered(32)
         .try_collect::<Vec<i64>>()
         .await?;
-    // Fans who left after the draw stay skipped in a rebuilt queue.
+    // A rebuilt queue keeps what already happened: fans who left after the draw stay skipped,
+    // and the serving head resumes after the furthest fan who already holds a pass.
     let left: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
         "SELECT ticket_id, position FROM joins
          WHERE event_id = $1 AND left_at IS NOT NULL AND NOT left_before_draw",
@@ -123,25 +128,50 @@ pub async fn publish(
     .bind(event.get())
     .fetch_all(pg)
     .await?;
-    if !left.is_empty() {
+    let admitted: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
+        "SELECT p.ticket_id, j.position FROM passes p JOIN joins j ON j.ticket_id = p.ticket_id
+         WHERE p.event_id = $1",
+    )
+    .bind(event.get())
+    .fetch_all(pg)
+    .await?;
+    let mut head = 0;
+    if !left.is_empty() || !admitted.is_empty() {
         let drawn_at: std::collections::HashMap<Uuid, i64> = order
             .iter()
             .enumerate()
             .map(|(i, t)| (*t, i as i64 + 1))
             .collect();
-        let positions: Vec<i64> = left
-            .iter()
-            .filter_map(|(t, p)| p.or_else(|| drawn_at.get(t).copied()))
-            .collect();
+        let position = |(t, p): &(Uuid, Option<i64>)| p.or_else(|| drawn_at.get(t).copied());
+        let positions: Vec<i64> = left.iter().filter_map(position).collect();
         if !positions.is_empty() {
             let _: i64 = client.sadd(keys.left(), positions).await?;
         }
+        head = admitted.iter().filter_map(position).max().unwrap_or(0);
+    }
+    // Shoppers with a live pass who have not bought keep their slots, so the cap survives too.
+    let live: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT p.ticket_id, (extract(epoch FROM p.expires_at) * 1000)::bigint FROM passes p
+         WHERE p.event_id = $1 AND p.expires_at > now()
+           AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.jti = p.jti)",
+    )
+    .bind(event.get())
+    .fetch_all(pg)
+    .await?;
+    if !live.is_empty() {
+        let slots: Vec<(f64, String)> = live
+            .iter()
+            .map(|(ticket, expires_ms)| (*expires_ms as f64, format!("t:{ticket}")))
+            .collect();
+        let _: i64 = client
+            .zadd(keys.slots(), None, None, false, false, slots)
+            .await?;
     }
     let placed: i64 = PUBLISH
         .evalsha_with_reload(
             client,
-            vec![build, keys.queue(), keys.tail(), keys.drawn()],
-            vec![highest],
+            vec![build, keys.queue(), keys.tail(), keys.drawn(), keys.head()],
+            vec![highest, head],
         )
         .await?;
     if placed == 1 {

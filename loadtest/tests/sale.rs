@@ -1426,3 +1426,91 @@ async fn a_refund_racing_a_purchase_of_the_same_seat_never_sells_it_twice() {
     pg.close().await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_survives_losing_its_redis_state() {
+    use fred::prelude::*;
+
+    let stack = Stack::start().await;
+    let c = &stack.client;
+    let event = stack
+        .create(SaleSpec {
+            rate_per_minute: 60_000,
+            max_active: 2,
+            ..spec("Amnesia", 10, chrono::Duration::seconds(1))
+        })
+        .await;
+    let fans = stack.join_many(event, 4).await;
+    let mut waiting = tokio::task::JoinSet::new();
+    for fan in &fans {
+        let (c, ticket) = (c.clone(), fan.ticket.clone());
+        waiting.spawn(async move {
+            c.wait_for_pass(event, &ticket, Duration::from_secs(60))
+                .await
+        });
+    }
+    let pg = stack.env.pool().await;
+    eventually_count(&pg, event, 2).await;
+
+    // Redis forgets the whole event: queue, head, tail, slots, lease.
+    let redis = redis_client(&stack.env).await;
+    let keys = shared::redis::EventKeys::new(
+        &stack.env.redis_prefix,
+        shared::ids::EventId::new(event).expect("id"),
+    );
+    let all = vec![
+        keys.queue(),
+        keys.tail(),
+        keys.head(),
+        keys.drawn(),
+        keys.slots(),
+        keys.leader(),
+        keys.last_tick(),
+    ];
+    let _: i64 = redis.del(all).await.expect("del");
+
+    // The buffer rebuilds it from Postgres: the same queue, the head after the admitted fans,
+    // and their slots, so the cap of two still holds nobody else in.
+    let mut head = 0;
+    for _ in 0..100 {
+        head = redis
+            .get::<Option<i64>, _>(keys.head())
+            .await
+            .expect("head")
+            .unwrap_or(0);
+        if head > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        head, 2,
+        "the serving head resumed after the fans already admitted"
+    );
+    let queued: i64 = redis.zcard(keys.queue()).await.expect("zcard");
+    assert_eq!(queued, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        passes_issued(&pg, event).await,
+        2,
+        "the cap survived: nobody else was let in"
+    );
+    // The slots are the pass holders' own, restored, not fresh re-admissions of their places.
+    let mut slots: Vec<String> = redis
+        .zrange(keys.slots(), 0, -1, None, false, None, false)
+        .await
+        .expect("slots");
+    slots.sort();
+    let mut holders: Vec<String> =
+        sqlx::query_scalar("SELECT 't:' || ticket_id::text FROM passes WHERE event_id = $1")
+            .bind(event)
+            .fetch_all(&pg)
+            .await
+            .expect("passes");
+    holders.sort();
+    assert_eq!(slots, holders);
+    let _ = redis.quit().await;
+    waiting.abort_all();
+    pg.close().await;
+    stack.stop().await;
+}
