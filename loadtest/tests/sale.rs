@@ -106,6 +106,26 @@ impl Stack {
         assert_eq!(answer.status(), 200);
     }
 
+    /// Every fan waits on the waiting-room websocket for their pass, concurrently.
+    fn wait_all(
+        &self,
+        event: i64,
+        fans: &[fairgate_loadtest::client::Joined],
+        limit: Duration,
+    ) -> tokio::task::JoinSet<
+        anyhow::Result<(
+            fairgate_loadtest::client::IssuedPass,
+            fairgate_loadtest::client::Wait,
+        )>,
+    > {
+        let mut waiting = tokio::task::JoinSet::new();
+        for fan in fans {
+            let (c, ticket) = (self.client.clone(), fan.ticket.clone());
+            waiting.spawn(async move { c.wait_for_pass(event, &ticket, limit).await });
+        }
+        waiting
+    }
+
     /// `n` anonymous fans join at once.
     async fn join_many(&self, event: i64, n: usize) -> Vec<fairgate_loadtest::client::Joined> {
         futures::future::join_all((0..n).map(|_| self.client.join(event, None)))
@@ -677,15 +697,7 @@ async fn the_cap_on_active_shoppers_is_never_exceeded() {
         })
         .await;
     let fans = stack.join_many(event, 5).await;
-    let mut waiting = tokio::task::JoinSet::new();
-    for fan in &fans {
-        let c = c.clone();
-        let ticket = fan.ticket.clone();
-        waiting.spawn(async move {
-            c.wait_for_pass(event, &ticket, Duration::from_secs(60))
-                .await
-        });
-    }
+    let mut waiting = stack.wait_all(event, &fans, Duration::from_secs(60));
 
     let pg = stack.env.pool().await;
     eventually_count(&pg, event, 2).await;
@@ -1002,14 +1014,7 @@ async fn operators_pause_message_and_resume_a_live_sale_with_an_audit_trail() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut waiting = tokio::task::JoinSet::new();
-    for fan in &fans {
-        let (c, ticket) = (c.clone(), fan.ticket.clone());
-        waiting.spawn(async move {
-            c.wait_for_pass(event, &ticket, Duration::from_secs(30))
-                .await
-        });
-    }
+    let mut waiting = stack.wait_all(event, &fans, Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         passes_issued(&pg, event).await,
@@ -1432,7 +1437,6 @@ async fn a_sale_survives_losing_its_redis_state() {
     use fred::prelude::*;
 
     let stack = Stack::start().await;
-    let c = &stack.client;
     let event = stack
         .create(SaleSpec {
             rate_per_minute: 60_000,
@@ -1441,14 +1445,7 @@ async fn a_sale_survives_losing_its_redis_state() {
         })
         .await;
     let fans = stack.join_many(event, 4).await;
-    let mut waiting = tokio::task::JoinSet::new();
-    for fan in &fans {
-        let (c, ticket) = (c.clone(), fan.ticket.clone());
-        waiting.spawn(async move {
-            c.wait_for_pass(event, &ticket, Duration::from_secs(60))
-                .await
-        });
-    }
+    let mut waiting = stack.wait_all(event, &fans, Duration::from_secs(60));
     let pg = stack.env.pool().await;
     eventually_count(&pg, event, 2).await;
 

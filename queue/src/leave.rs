@@ -8,12 +8,10 @@ use axum::Router;
 use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use shared::extract::{Json, Path};
-use shared::ids::EventId;
-use shared::token::TokenKind;
 use shared::ApiError;
 use tracing::instrument;
 
-use crate::pass::position_of;
+use crate::pass::{position_of, ticket_for};
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -39,11 +37,7 @@ async fn leave(
     Path(id): Path<i64>,
     Json(request): Json<LeaveRequest>,
 ) -> Result<Json<Left>, ApiError> {
-    let event = EventId::from_path(id)?;
-    let ticket = state
-        .verifier
-        .verify_ticket(&request.ticket, event)
-        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    let (event, ticket) = ticket_for(&state, id, &request.ticket)?;
     let mut tx = state.pg.begin().await?;
     shared::db::lock_draw(&mut tx, event, false).await?;
     let drawn: bool = sqlx::query_scalar(

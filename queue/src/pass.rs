@@ -175,6 +175,20 @@ fn sign(
     })
 }
 
+/// The event named by the path and the fan's verified ticket for it (401/403 otherwise).
+pub fn ticket_for(
+    state: &AppState,
+    id: i64,
+    token: &str,
+) -> Result<(EventId, TicketClaims), ApiError> {
+    let event = EventId::from_path(id)?;
+    let ticket = state
+        .verifier
+        .verify_ticket(token, event)
+        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    Ok((event, ticket))
+}
+
 /// The ticket's queue position, if the draw has placed it.
 pub async fn position_of(
     state: &AppState,
@@ -203,11 +217,7 @@ async fn claim(
     Path(id): Path<i64>,
     Json(request): Json<ClaimRequest>,
 ) -> Result<Json<IssuedPass>, ApiError> {
-    let event_id = EventId::from_path(id)?;
-    let ticket = state
-        .verifier
-        .verify_ticket(&request.ticket, event_id)
-        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    let (event_id, ticket) = ticket_for(&state, id, &request.ticket)?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
     let position = position_of(&state, event_id, ticket.tkt)
         .await?

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use shared::event::SaleEvent;
 use shared::extract::{Path, Query};
 use shared::ids::{EventId, Position};
-use shared::token::{TicketClaims, TokenKind};
+use shared::token::TicketClaims;
 use shared::ApiError;
 use tracing::instrument;
 
@@ -87,11 +87,7 @@ async fn upgrade(
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&state, &headers)?;
-    let event_id = EventId::from_path(id)?;
-    let ticket = state
-        .verifier
-        .verify_ticket(&query.ticket, event_id)
-        .map_err(|e| e.into_api(TokenKind::Ticket))?;
+    let (event_id, ticket) = pass::ticket_for(&state, id, &query.ticket)?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
     let guard = state
         .hub
