@@ -18,9 +18,9 @@ use axum::routing::get;
 use axum::Router;
 use chrono::{DateTime, Utc};
 use fred::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shared::event::{SaleEvent, SalePhase};
-use shared::extract::{Json, Path};
+use shared::extract::{Json, Path, Query};
 use shared::ids::{EventId, Seed};
 use shared::ApiError;
 use tokio_util::sync::CancellationToken;
@@ -258,16 +258,45 @@ pub struct PublishedDraw {
     pub seed: Option<String>,
     pub drawn_at: Option<DateTime<Utc>>,
     pub entrants: Option<i64>,
-    /// Ticket ids in position order (position 1 first), after the draw.
+    /// Position of the first ticket in `order` minus one (the page's start).
+    pub offset: usize,
+    /// Ticket ids in position order (position `offset + 1` first), after the draw: one page of
+    /// at most `limit`.
     pub order: Option<Vec<Uuid>>,
+    /// The `offset` of the next page, while there is one.
+    pub next_offset: Option<usize>,
+}
+
+/// Most ticket ids in one page of a published draw.
+pub const MAX_PAGE: usize = 100_000;
+
+/// `?offset=&limit=` of a published draw's order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    #[serde(default)]
+    offset: usize,
+    #[serde(default = "max_page")]
+    limit: usize,
+}
+
+fn max_page() -> usize {
+    MAX_PAGE
 }
 
 #[instrument(skip_all, fields(event = id))]
 async fn published_draw(
     State(state): State<AppState>,
     Path(id): Path<i64>,
+    Query(Page { offset, limit }): Query<Page>,
 ) -> Result<Json<PublishedDraw>, ApiError> {
     let event_id = EventId::from_path(id)?;
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            format!("limit: must be between 1 and {MAX_PAGE}"),
+        ));
+    }
     let event = SaleEvent::load(&state.pg, event_id).await?;
     let mut published = PublishedDraw {
         event_id: id,
@@ -278,7 +307,9 @@ async fn published_draw(
         seed: None,
         drawn_at: None,
         entrants: None,
+        offset,
         order: None,
+        next_offset: None,
     };
     if event.phase(Utc::now()) == SalePhase::NotOpen {
         return Ok(Json(published));
@@ -295,7 +326,11 @@ async fn published_draw(
         published.seed = Some(hex::encode(seed));
         published.drawn_at = drawn_at;
         published.entrants = entrants;
-        published.order = order(&state, event_id).await?.map(|o| o.to_vec());
+        if let Some(order) = order(&state, event_id).await? {
+            let end = offset.saturating_add(limit).min(order.len());
+            published.order = Some(order.get(offset..end).unwrap_or_default().to_vec());
+            published.next_offset = (end < order.len()).then_some(end);
+        }
     }
     Ok(Json(published))
 }

@@ -1,7 +1,8 @@
 //! The organizer's sale-window API: read and change an event's window and admission settings
 //! (`GET`/`PUT /api/v1/organizer/events/{id}/sale`). Each value is checked on its own (422
 //! naming the field) and against the sale's progress (409): once presale has opened its opening
-//! time is history; once the draw has run, the sale's start is too. The update takes the draw's
+//! time is history; once the draw has run, the sale's start is too; the seats a fan may buy cannot
+//! drop below what one fan already holds or bought. The update takes the draw's
 //! advisory lock, so it cannot interleave with a draw in progress.
 
 use axum::extract::{FromRequestParts, State};
@@ -63,6 +64,9 @@ async fn update_window(
     .fetch_one(&mut *tx)
     .await?;
     check_progress(&current, &next, drawn)?;
+    if next.seats_per_fan < current.seats_per_fan {
+        check_seats_per_fan(&mut tx, event_id, next.seats_per_fan).await?;
+    }
     sqlx::query(
         "UPDATE events SET presale_opens_at = $2, sale_starts_at = $3, sale_ends_at = $4,
              rate_per_minute = $5, max_active = $6, pass_ttl_secs = $7,
@@ -85,6 +89,34 @@ async fn update_window(
     state.events.forget(event_id);
     tracing::info!(event = id, "sale window updated");
     Ok(Json(next))
+}
+
+/// Lowering the seats a fan may buy below what one fan already holds or bought would break the
+/// rule for sales already made: 409 naming the figure.
+async fn check_seats_per_fan(
+    tx: &mut sqlx::PgConnection,
+    event: EventId,
+    wanted: i32,
+) -> Result<(), ApiError> {
+    let most: i32 = sqlx::query_scalar(
+        "SELECT COALESCE(max(cardinality(h.seat_ids)), 0) FROM holds h
+         WHERE h.event_id = $1
+           AND (h.status IN ('active', 'paying')
+                OR EXISTS (SELECT 1 FROM orders o WHERE o.hold_id = h.id AND o.status = 'paid'))",
+    )
+    .bind(event.get())
+    .fetch_one(tx)
+    .await?;
+    if wanted < most {
+        return Err(ApiError::Conflict(
+            "below_sold",
+            format!(
+                "seats_per_fan: a fan already holds or bought {most} seats; \
+                 the limit cannot go below that"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Changes the sale's progress forbids.
@@ -124,6 +156,12 @@ fn check_progress(
         return Err(invalid(
             "presale_opens_at",
             "a new presale opening must be in the future",
+        ));
+    }
+    if next.sale_ends_at != current.sale_ends_at && next.sale_ends_at <= now {
+        return Err(invalid(
+            "sale_ends_at",
+            "a new sale end must be in the future (pause admission to stop a sale now)",
         ));
     }
     if next.anonymous_allowed != current.anonymous_allowed && presale_open {

@@ -260,11 +260,29 @@ impl Client {
         .await
     }
 
+    /// The published draw, its order gathered from every page.
     pub async fn draw(&self, event: i64) -> anyhow::Result<Value> {
+        let mut draw = self.draw_page(event, 0).await?;
+        while let Some(offset) = draw["next_offset"].as_u64() {
+            let mut page = self.draw_page(event, offset).await?;
+            let (Some(order), Some(more)) =
+                (draw["order"].as_array_mut(), page["order"].as_array_mut())
+            else {
+                anyhow::bail!("a page of the draw has no order");
+            };
+            anyhow::ensure!(!more.is_empty(), "an empty page of the draw at {offset}");
+            order.append(more);
+            draw["next_offset"] = page["next_offset"].take();
+        }
+        Ok(draw)
+    }
+
+    /// One page of the published draw, from position `offset + 1`.
+    pub async fn draw_page(&self, event: i64, offset: u64) -> anyhow::Result<Value> {
         decode(
             self.http
                 .get(format!(
-                    "{}/api/v1/events/{event}/draw",
+                    "{}/api/v1/events/{event}/draw?offset={offset}",
                     self.endpoints.buffer
                 ))
                 .send()

@@ -168,6 +168,46 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         .await
         .expect("json");
     let order: Vec<Uuid> = serde_json::from_value(published["order"].clone()).expect("order");
+    assert_eq!(
+        published["next_offset"],
+        Value::Null,
+        "one page holds it all"
+    );
+    // Paged, the same order comes back piece by piece.
+    let mut paged: Vec<Uuid> = Vec::new();
+    let mut offset = Some(0);
+    while let Some(at) = offset {
+        let page: Value = http
+            .get(format!(
+                "{}/api/v1/events/{event}/draw?offset={at}&limit=50",
+                instances[0].url()
+            ))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(page["offset"], at);
+        paged.extend(serde_json::from_value::<Vec<Uuid>>(page["order"].clone()).expect("page"));
+        offset = page["next_offset"].as_u64();
+    }
+    assert_eq!(paged, order, "the pages add up to the order");
+    for bad in ["limit=0", "limit=100001", "offset=-1", "limit=x", "page=2"] {
+        let response = http
+            .get(format!(
+                "{}/api/v1/events/{event}/draw?{bad}",
+                instances[0].url()
+            ))
+            .send()
+            .await
+            .expect("request");
+        assert!(
+            matches!(response.status().as_u16(), 400 | 422),
+            "{bad}: {}",
+            response.status()
+        );
+    }
     let joined: Vec<(Uuid, String, Option<i64>)> =
         sqlx::query_as("SELECT ticket_id, phase, position FROM joins WHERE event_id = $1")
             .bind(event)
@@ -436,6 +476,40 @@ async fn the_sale_window_api_validates_values_and_guards_a_running_sale() {
     let error: Value = answer.json().await.expect("json");
     assert_eq!(error["error"], "draw_done");
 
+    // A fan holds two seats: the limit cannot drop below that (409), nor the end into the past.
+    sqlx::query(
+        "INSERT INTO holds (id, event_id, jti, seat_ids, expires_at)
+         VALUES ($1, $2, $3, ARRAY[1, 2]::bigint[], now() + interval '5 minutes')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(event)
+    .bind(Uuid::new_v4())
+    .execute(&pg)
+    .await
+    .expect("hold");
+    let mut fewer = faster.clone();
+    fewer["seats_per_fan"] = serde_json::json!(1);
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&fewer)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 409);
+    let error: Value = answer.json().await.expect("json");
+    assert_eq!(error["error"], "below_sold", "{error}");
+    let mut ended = faster.clone();
+    ended["sale_ends_at"] = serde_json::json!(Utc::now() - chrono::Duration::seconds(1));
+    let answer = http
+        .put(&url)
+        .bearer_auth(ORGANIZER)
+        .json(&ended)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 422);
+
     let stored: Value = http
         .get(&url)
         .bearer_auth(ORGANIZER)
@@ -446,6 +520,7 @@ async fn the_sale_window_api_validates_values_and_guards_a_running_sale() {
         .await
         .expect("json");
     assert_eq!(stored["rate_per_minute"], 120);
+    assert_eq!(stored["seats_per_fan"], 2);
     assert_eq!(stored["sale_starts_at"], current["sale_starts_at"]);
 
     pg.close().await;
