@@ -18,14 +18,14 @@ use shared::event::{SaleEvent, SalePhase};
 use shared::extract::{Json, OptionalJson, Path};
 use shared::ids::{EventId, Identity, TicketId};
 use shared::ratelimit::KeyedLimit;
-use shared::token::{ReceiptClaims, TicketClaims, TokenKind};
+use shared::token::{TicketClaims, TokenKind};
 use shared::ApiError;
 use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
 
 use crate::draw::ensure_commitment;
-use crate::ingest::JoinRow;
+use crate::ingest::{JoinRow, Joined, ReceiptTerms};
 use crate::{queue_store, AppState, Config};
 
 pub fn router() -> Router<AppState> {
@@ -151,15 +151,34 @@ async fn join(
         ));
     }
     let commitment = ensure_commitment(&state, event_id).await?;
+    let terms = ReceiptTerms {
+        commitment,
+        expires_at: (event.sale_ends_at + chrono::Duration::days(365)).timestamp(),
+    };
 
-    let (row, resumed) = match (request.ticket.as_deref(), request.identity.as_deref()) {
+    let Joined {
+        row,
+        resumed,
+        receipt,
+    } = match (request.ticket.as_deref(), request.identity.as_deref()) {
         (Some(token), _) => {
             let claims = state
                 .verifier
                 .verify_ticket(token, event_id)
                 .map_err(|e| e.into_api(TokenKind::Ticket))?;
             state.limits.check_identity(&claims.sub)?;
-            (existing_join(&state, claims.tkt).await?, true)
+            let row = existing_join(&state, claims.tkt).await?;
+            let receipt = shared::receipt::sign_batch(
+                &state.signer,
+                &[terms.claims(&state.signer, event_id, &row)],
+            )?
+            .pop()
+            .ok_or_else(|| ApiError::internal("no receipt signed"))?;
+            Joined {
+                row,
+                resumed: true,
+                receipt,
+            }
         }
         (None, Some(assertion)) => {
             let verifier = state.identities.as_ref().ok_or_else(|| {
@@ -172,7 +191,7 @@ async fn join(
             state.limits.check_identity(identity.as_str())?;
             state
                 .writer
-                .join(event_id, TicketId::random(), identity)
+                .join(event_id, TicketId::random(), identity, terms)
                 .await?
         }
         (None, None) => {
@@ -185,7 +204,7 @@ async fn join(
             let ticket = TicketId::random();
             state
                 .writer
-                .join(event_id, ticket, Identity::anonymous(ticket))
+                .join(event_id, ticket, Identity::anonymous(ticket), terms)
                 .await?
         }
     };
@@ -206,7 +225,7 @@ async fn join(
         event_id: id,
         ticket_id: row.ticket_id,
         ticket: sign_ticket(&state, &event, ticket, &row)?,
-        receipt: sign_receipt(&state, &event, ticket, &row, &commitment)?,
+        receipt,
         status: if position.is_some() {
             "queued"
         } else {
@@ -278,26 +297,4 @@ fn sign_ticket(
         exp: (event.sale_ends_at + chrono::Duration::days(1)).timestamp(),
     };
     state.signer.sign(TokenKind::Ticket, &claims)
-}
-
-fn sign_receipt(
-    state: &AppState,
-    event: &SaleEvent,
-    ticket: TicketId,
-    row: &JoinRow,
-    commitment: &[u8; 32],
-) -> Result<String, ApiError> {
-    let iat = row.joined_at.timestamp();
-    let claims = ReceiptClaims {
-        iss: state.signer.issuer().to_owned(),
-        aud: TokenKind::Receipt.audience().to_owned(),
-        sub: row.identity.clone(),
-        evt: event.event_id(),
-        tkt: ticket,
-        cmt: hex::encode(commitment),
-        iat,
-        nbf: iat,
-        exp: (event.sale_ends_at + chrono::Duration::days(365)).timestamp(),
-    };
-    state.signer.sign(TokenKind::Receipt, &claims)
 }

@@ -27,8 +27,18 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
+/// The service's shared state: cloned per request, so one pointer to [`State`].
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<State>);
+
+impl std::ops::Deref for AppState {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+pub struct State {
     pub config: Arc<Config>,
     pub pg: PgPool,
     pub redis: Redis,
@@ -70,9 +80,14 @@ pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Res
         )?),
         None => None,
     };
-    Ok(AppState {
+    Ok(AppState(Arc::new(State {
         identities,
-        writer: ingest::JoinWriter::start(pg.clone(), config.join_writers, shutdown),
+        writer: ingest::JoinWriter::start(
+            pg.clone(),
+            signer.clone(),
+            config.join_writers,
+            shutdown,
+        ),
         events: shared::event::EventCache::default(),
         verifier: signer.verifier(),
         signer,
@@ -82,7 +97,7 @@ pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Res
         config: Arc::new(config),
         pg,
         redis,
-    })
+    })))
 }
 
 /// Connects, binds the listener and starts the server and the draw scheduler. Port 0 in

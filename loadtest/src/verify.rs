@@ -6,7 +6,7 @@ use anyhow::{anyhow, Context};
 use serde::Deserialize;
 use shared::draw::Verdict;
 use shared::ids::Seed;
-use shared::token::{ReceiptClaims, TokenKind, Verifier};
+use shared::token::{ReceiptClaims, Verifier};
 use uuid::Uuid;
 
 use crate::client::Client;
@@ -91,7 +91,6 @@ pub fn read_receipt(
 ) -> anyhow::Result<ReceiptClaims> {
     let verifier = Verifier::new(issuer);
     verifier.add_jwks(keys)?;
-    verifier
-        .verify::<ReceiptClaims>(TokenKind::Receipt, receipt)
+    shared::receipt::verify(&verifier, receipt)
         .map_err(|e| anyhow!("the receipt does not verify: {e}"))
 }

@@ -115,6 +115,14 @@ impl Identity {
         Identity(format!("anon:{ticket}"))
     }
 
+    /// Whether this is the anonymous identity minted for `ticket` (which no other join has).
+    pub fn is_anonymous_for(&self, ticket: TicketId) -> bool {
+        self.0
+            .strip_prefix("anon:")
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .is_some_and(|id| id == ticket.0)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

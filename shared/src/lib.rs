@@ -13,6 +13,7 @@ pub mod event;
 pub mod extract;
 pub mod ids;
 pub mod ratelimit;
+pub mod receipt;
 pub mod redis;
 pub mod server;
 pub mod stats;

@@ -122,6 +122,8 @@ pub struct SigningKey {
     public: [u8; 32],
     /// HS256 key of queue tickets, derived from the seed.
     ticket_secret: [u8; 32],
+    /// The same key prepared for signing (its HMAC pads computed once).
+    ticket_hmac: ring::hmac::Key,
     /// The encoded JWT header of each kind of token (fixed per key).
     headers: [String; 3],
 }
@@ -153,6 +155,7 @@ impl SigningKey {
         Ok(SigningKey {
             pair,
             public,
+            ticket_hmac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &ticket_secret),
             ticket_secret,
             headers,
             kid,
@@ -303,10 +306,9 @@ impl Signer {
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
         let signature = match kind.algorithm() {
-            Algorithm::HS256 => {
-                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.ticket_secret);
-                ring::hmac::sign(&key, token.as_bytes()).as_ref().to_vec()
-            }
+            Algorithm::HS256 => ring::hmac::sign(&self.key.ticket_hmac, token.as_bytes())
+                .as_ref()
+                .to_vec(),
             _ => self.key.pair.sign(token.as_bytes()).as_ref().to_vec(),
         };
         token.push('.');
@@ -437,6 +439,11 @@ impl Verifier {
             .map_err(|_| anyhow::anyhow!("key set lock poisoned"))?;
         keys.extend(added);
         Ok(count)
+    }
+
+    /// The issuer (`iss`) tokens must name.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
     }
 
     pub fn knows(&self, kid: &str) -> bool {

@@ -1,10 +1,10 @@
 //! The buffer service against real Postgres and Redis: several instances racing the draw while
 //! joins arrive around the sale start, and a lost Redis queue rebuilt from Postgres.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use clap::Parser;
 use fred::prelude::*;
 use serde_json::Value;
@@ -148,6 +148,29 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         })
         .collect();
     assert_eq!(acknowledged.len(), 240, "every join got its own ticket");
+    // Each answer tells the join's stored time and phase (the receipt signs that time).
+    let stored: HashMap<Uuid, (DateTime<Utc>, String)> =
+        sqlx::query_as::<_, (Uuid, DateTime<Utc>, String)>(
+            "SELECT ticket_id, joined_at, phase FROM joins WHERE event_id = $1",
+        )
+        .bind(event)
+        .fetch_all(&pg)
+        .await
+        .expect("joins")
+        .into_iter()
+        .map(|(t, at, phase)| (t, (at, phase)))
+        .collect();
+    for j in &joins {
+        let ticket: Uuid = j["ticket_id"].as_str().expect("id").parse().expect("uuid");
+        let answered: DateTime<Utc> = j["joined_at"]
+            .as_str()
+            .expect("time")
+            .parse()
+            .expect("time");
+        let (at, phase) = &stored[&ticket];
+        assert_eq!(&answered, at, "joined_at of {ticket}");
+        assert_eq!(j["status"] == "buffered", phase == "presale", "{j}");
+    }
 
     eventually("the draw", || async {
         sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
