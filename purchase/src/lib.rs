@@ -6,6 +6,7 @@
 //! commits the seats); a checkout retried with the same `Idempotency-Key` never charges twice;
 //! no row lock is held across the call to the payment provider.
 
+pub mod catalog;
 pub mod checkout;
 pub mod config;
 pub mod organizer;
@@ -48,6 +49,7 @@ pub fn app(state: AppState) -> Router {
     };
     let common = state.config.common.clone();
     let routes = Router::new()
+        .merge(catalog::router())
         .merge(organizer::router())
         .merge(seats::router())
         .merge(checkout::router())

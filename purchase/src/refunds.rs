@@ -100,15 +100,7 @@ async fn refund(
         .await?;
     tx.commit().await?;
     tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
-    // The line reopens: admissions may resume.
-    let reopened: Result<i64, _> = state
-        .redis
-        .client()
-        .del(state.redis.keys(event).sold_out())
-        .await;
-    if let Err(e) = reopened {
-        tracing::warn!(error = %e, "could not clear the sold-out flag");
-    }
+    reopen_line(&state, event).await;
     let status = match finish_refund(&state, order_id, &payment_ref).await {
         Ok(()) => "refunded",
         Err(e) => {
@@ -122,6 +114,18 @@ async fn refund(
         status: status.into(),
         seats_returned: seat_ids,
     }))
+}
+
+/// Places are back on sale: the line reopens and admissions may resume.
+pub async fn reopen_line(state: &AppState, event: EventId) {
+    let reopened: Result<i64, _> = state
+        .redis
+        .client()
+        .del(state.redis.keys(event).sold_out())
+        .await;
+    if let Err(e) = reopened {
+        tracing::warn!(error = %e, "could not clear the sold-out flag");
+    }
 }
 
 /// Returns the money of an order whose seats are already back on sale.

@@ -50,7 +50,7 @@ async fn seat_map(
         "SELECT id, section, row_label, number, price_cents,
                 CASE WHEN status = 'held' AND held_until < now() THEN 'available'
                      ELSE status END AS status
-         FROM seats WHERE event_id = $1 ORDER BY id",
+         FROM seats WHERE event_id = $1 AND admission = 'seated' ORDER BY id",
     )
     .bind(pass.event.get())
     .fetch_all(&state.pg)
@@ -58,10 +58,118 @@ async fn seat_map(
     Ok(Json(seats))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// A hold of named seats (`seat_ids`), or of a quantity of general-admission places of one
+/// ticket type (`ticket_type` and `quantity`).
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HoldRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seat_ids: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<i64>,
+}
+
+/// What a hold asks for, once checked.
+enum Wanted {
+    Seats(Vec<i64>),
+    General { ticket_type: String, quantity: i64 },
+}
+
+impl HoldRequest {
+    fn wanted(&self, limit: usize) -> Result<Wanted, ApiError> {
+        match (&self.ticket_type, self.quantity, self.seat_ids.is_empty()) {
+            (None, None, false) => {
+                let mut seat_ids = self.seat_ids.clone();
+                if seat_ids.len() > limit {
+                    return Err(ApiError::Unprocessable(
+                        "invalid_field",
+                        format!("seat_ids: must name 1 to {limit} seats (this pass's limit)"),
+                    ));
+                }
+                seat_ids.sort_unstable();
+                seat_ids.dedup();
+                if seat_ids.len() != self.seat_ids.len() {
+                    return Err(ApiError::Unprocessable(
+                        "invalid_field",
+                        "seat_ids: names a seat twice".into(),
+                    ));
+                }
+                Ok(Wanted::Seats(seat_ids))
+            }
+            (Some(ticket_type), Some(quantity), true) => {
+                if ticket_type.trim().is_empty() || ticket_type.chars().count() > 50 {
+                    return Err(ApiError::Unprocessable(
+                        "invalid_field",
+                        "ticket_type: must be 1 to 50 characters".into(),
+                    ));
+                }
+                if !(1..=limit as i64).contains(&quantity) {
+                    return Err(ApiError::Unprocessable(
+                        "invalid_field",
+                        format!("quantity: must be 1 to {limit} (this pass's limit)"),
+                    ));
+                }
+                Ok(Wanted::General {
+                    ticket_type: ticket_type.trim().to_owned(),
+                    quantity,
+                })
+            }
+            _ => Err(ApiError::Unprocessable(
+                "invalid_field",
+                "seat_ids: name 1 or more seats, or give ticket_type and quantity (not both)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Picks and locks `quantity` free places of a general-admission ticket type. `SKIP LOCKED`
+/// lets concurrent holds take different rows instead of queueing on the same ones, so there is
+/// no hot counter row; rows are locked in id order like every other hold.
+async fn pick_general(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    event: EventId,
+    ticket_type: &str,
+    quantity: i64,
+    previous: &[Uuid],
+) -> Result<Vec<i64>, ApiError> {
+    let picked: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM seats
+         WHERE event_id = $1 AND section = $2 AND admission = 'general' AND status <> 'sold'
+           AND (status = 'available' OR held_until < now() OR hold_id = ANY($4))
+         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(event.get())
+    .bind(ticket_type)
+    .bind(quantity)
+    .bind(previous)
+    .fetch_all(&mut **tx)
+    .await?;
+    if picked.len() as i64 == quantity {
+        return Ok(picked);
+    }
+    let (exists, left): (bool, i64) = sqlx::query_as(
+        "SELECT count(*) > 0,
+                count(*) FILTER (WHERE status = 'available'
+                                 OR (status = 'held' AND held_until < now()))
+         FROM seats WHERE event_id = $1 AND section = $2 AND admission = 'general'",
+    )
+    .bind(event.get())
+    .bind(ticket_type)
+    .fetch_one(&mut **tx)
+    .await?;
+    if !exists {
+        return Err(ApiError::NotFound(
+            "ticket_type_not_found",
+            format!("this event has no general-admission ticket type {ticket_type:?}"),
+        ));
+    }
+    Err(ApiError::Conflict(
+        "not_enough_places",
+        format!("{ticket_type}: {quantity} wanted, {left} left (others may be mid-purchase)"),
+    ))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -80,6 +188,7 @@ pub(crate) struct LockedSeat {
     pub hold_id: Option<Uuid>,
     pub held_until: Option<DateTime<Utc>>,
     pub price_cents: i64,
+    pub admission: String,
 }
 
 /// Locks the given seats (of `event`, if given) in id order, the one order every transaction
@@ -90,7 +199,7 @@ pub(crate) async fn lock_seats(
     seat_ids: &[i64],
 ) -> Result<Vec<LockedSeat>, ApiError> {
     Ok(sqlx::query_as::<_, LockedSeat>(
-        "SELECT id, status, hold_id, held_until, price_cents FROM seats
+        "SELECT id, status, hold_id, held_until, price_cents, admission FROM seats
          WHERE id = ANY($2) AND ($1::bigint IS NULL OR event_id = $1)
          ORDER BY id FOR UPDATE",
     )
@@ -121,22 +230,7 @@ async fn hold(
     pass: Pass,
     Json(request): Json<HoldRequest>,
 ) -> Result<(StatusCode, Json<HoldView>), ApiError> {
-    let mut seat_ids = request.seat_ids.clone();
-    let limit = pass.claims.lim as usize;
-    if seat_ids.is_empty() || seat_ids.len() > limit {
-        return Err(ApiError::Unprocessable(
-            "invalid_field",
-            format!("seat_ids: must name 1 to {limit} seats (this pass's limit)"),
-        ));
-    }
-    seat_ids.sort_unstable();
-    seat_ids.dedup();
-    if seat_ids.len() != request.seat_ids.len() {
-        return Err(ApiError::Unprocessable(
-            "invalid_field",
-            "seat_ids: names a seat twice".into(),
-        ));
-    }
+    let wanted = request.wanted(pass.claims.lim as usize)?;
     ensure_pass_unused(&state, pass.claims.jti).await?;
 
     let mut tx = state.pg.begin().await?;
@@ -145,6 +239,16 @@ async fn hold(
             .bind(pass.claims.jti)
             .fetch_all(&mut *tx)
             .await?;
+    let (seat_ids, general) = match wanted {
+        Wanted::Seats(ids) => (ids, false),
+        Wanted::General {
+            ticket_type,
+            quantity,
+        } => (
+            pick_general(&mut tx, pass.event, &ticket_type, quantity, &previous).await?,
+            true,
+        ),
+    };
     let seats = lock_seats(&mut tx, Some(pass.event), &seat_ids).await?;
     if seats.len() != seat_ids.len() {
         let found: HashSet<i64> = seats.iter().map(|s| s.id).collect();
@@ -156,6 +260,12 @@ async fn hold(
         return Err(ApiError::NotFound(
             "seat_not_found",
             format!("no such seats in this event: {missing:?}"),
+        ));
+    }
+    if !general && seats.iter().any(|s| s.admission == "general") {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            "seat_ids: general-admission places are held by ticket_type and quantity".into(),
         ));
     }
     let now = Utc::now();

@@ -12,6 +12,8 @@ use shared::testing::TestEnv;
 use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
 use uuid::Uuid;
 
+mod catalog;
+
 const ORGANIZER: &str = "organizer-token-for-reconcile";
 
 struct Purchase {
@@ -215,6 +217,33 @@ async fn settled(pg: &sqlx::PgPool) -> (String, bool) {
     panic!("the payment was never settled");
 }
 
+/// No place on two valid tickets; sold places exactly those with a valid ticket; one charge per
+/// order; no active hold missing one of its places.
+async fn assert_never_oversold(pg: &sqlx::PgPool, event: i64) {
+    let violations: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM (SELECT seat_id FROM tickets WHERE status = 'valid'
+                                  GROUP BY seat_id HAVING count(*) > 1) AS d),
+           (SELECT count(*) FROM seats s WHERE s.event_id = $1 AND (s.status = 'sold') <>
+                 EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = s.id AND t.status = 'valid')),
+           (SELECT abs((SELECT count(*) FROM orders WHERE event_id = $1)
+                     - (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded'))),
+           (SELECT count(*) FROM holds h WHERE h.status = 'active' AND EXISTS (
+                 SELECT 1 FROM unnest(h.seat_ids) AS sid JOIN seats s ON s.id = sid
+                 WHERE s.hold_id IS DISTINCT FROM h.id AND s.status <> 'sold'))",
+    )
+    .bind(event)
+    .fetch_one(pg)
+    .await
+    .expect("checks");
+    assert_eq!(
+        violations,
+        (0, 0, 0, 0),
+        "(seats on two valid tickets, sold seats without a ticket or vice versa, \
+         orders vs charges, partially held holds)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_charge_and_order_is_reconciled_into_a_sale_or_a_refund() {
     let env = TestEnv::new().await;
@@ -394,28 +423,7 @@ async fn a_thousand_buyers_on_ten_seats_never_oversell() {
         "every fan either bought or was told the seat was taken"
     );
 
-    let violations: (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT
-           (SELECT count(*) FROM (SELECT seat_id FROM tickets WHERE status = 'valid'
-                                  GROUP BY seat_id HAVING count(*) > 1) AS d),
-           (SELECT count(*) FROM seats s WHERE s.event_id = $1 AND (s.status = 'sold') <>
-                 EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = s.id AND t.status = 'valid')),
-           (SELECT abs((SELECT count(*) FROM orders WHERE event_id = $1)
-                     - (SELECT count(*) FROM sandbox_charges WHERE outcome = 'succeeded'))),
-           (SELECT count(*) FROM holds h WHERE h.status = 'active' AND EXISTS (
-                 SELECT 1 FROM unnest(h.seat_ids) AS sid JOIN seats s ON s.id = sid
-                 WHERE s.hold_id IS DISTINCT FROM h.id AND s.status <> 'sold'))",
-    )
-    .bind(event)
-    .fetch_one(&pg)
-    .await
-    .expect("checks");
-    assert_eq!(
-        violations,
-        (0, 0, 0, 0),
-        "(seats on two valid tickets, sold seats without a ticket or vice versa, \
-         orders vs charges, partially held holds)"
-    );
+    assert_never_oversold(&pg, event).await;
     let sold: i64 = sqlx::query_scalar("SELECT count(*) FROM seats WHERE status = 'sold'")
         .fetch_one(&pg)
         .await
