@@ -383,6 +383,7 @@ pub(crate) async fn settle(
             if sold_out {
                 close_line(state, buyer).await;
             }
+            crate::live::seats_changed(state, buyer.event, &hold.seat_ids, "sold").await;
             finish_shopper(state, buyer).await;
             metrics::counter!("purchase_orders_total").increment(1);
             Ok(done)
@@ -514,6 +515,16 @@ async fn commit(
         body: serde_json::to_value(&view).map_err(ApiError::internal)?,
     };
     store(&mut *tx, buyer, key, &done).await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, identity, order_id, kind, payload)
+         VALUES ($1, $2, $3, 'order_confirmed', $4)",
+    )
+    .bind(buyer.event.get())
+    .bind(&buyer.identity)
+    .bind(order_id)
+    .bind(&done.body)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE payments SET settled_at = now() WHERE provider_ref = $1")
         .bind(reference)
         .execute(&mut *tx)

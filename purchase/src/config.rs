@@ -55,6 +55,14 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_RECONCILE_GRACE_SECS", default_value_t = 120)]
     pub reconcile_grace_secs: u64,
 
+    /// Live streams (`/live`, server-sent events) one instance serves at once; more get 429.
+    #[arg(long, env = "FAIRGATE_LIVE_MAX_STREAMS", default_value_t = 10_000)]
+    pub live_max_streams: usize,
+
+    /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
+    #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
+    pub outbox_relay_ms: u64,
+
     /// Test fault: abort the process right after a successful charge, before the order.
     #[arg(
         long,

@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod checkout;
 pub mod config;
+pub mod live;
 pub mod organizer;
 pub mod passgate;
 pub mod payments;
@@ -39,6 +40,7 @@ pub struct AppState {
     pub payments: Arc<dyn payments::PaymentProvider>,
     pub organizer: RoleToken,
     pub support: shared::auth::NamedTokens,
+    pub live: live::LiveHub,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -55,6 +57,7 @@ pub fn app(state: AppState) -> Router {
         .merge(checkout::router())
         .merge(refunds::router())
         .merge(reports::router())
+        .merge(live::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -73,6 +76,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Duration::from_millis(config.sandbox_latency_ms),
             config.sandbox_failure_rate,
         )),
+        live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
         config: Arc::new(config),
         pg,
         redis,
@@ -82,6 +86,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "purchase service listening");
     running.spawn(reconcile::run(state.clone(), shutdown.clone()));
+    running.spawn(live::run_seat_subscriber(
+        state.clone(),
+        state.config.common.clone(),
+        shutdown.clone(),
+    ));
+    running.spawn(live::run_outbox_relay(
+        state.clone(),
+        std::time::Duration::from_millis(state.config.outbox_relay_ms.max(10)),
+        shutdown.clone(),
+    ));
     running.spawn(seats::run_hold_sweeper(state, shutdown));
     Ok(running)
 }

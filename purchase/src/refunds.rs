@@ -98,7 +98,19 @@ async fn refund(
         .bind(event_id)
         .execute(&mut *tx)
         .await?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, identity, order_id, kind, payload)
+         SELECT event_id, identity, id, 'order_refunded',
+                jsonb_build_object('order_id', id, 'seats_returned', $2::bigint[],
+                                   'total_cents', total_cents)
+         FROM orders WHERE id = $1",
+    )
+    .bind(order_id)
+    .bind(&seat_ids)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
+    crate::live::seats_changed(&state, event, &seat_ids, "available").await;
     tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
     reopen_line(&state, event).await;
     let status = match finish_refund(&state, order_id, &payment_ref).await {

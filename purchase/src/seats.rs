@@ -288,13 +288,14 @@ async fn hold(
     }
     // The new hold replaces this pass's previous one (in this transaction: if anything fails,
     // the previous hold stands).
+    let mut freed: Vec<i64> = Vec::new();
     if !previous.is_empty() {
-        sqlx::query(
+        freed = sqlx::query_scalar(
             "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
-             WHERE hold_id = ANY($1) AND status = 'held'",
+             WHERE hold_id = ANY($1) AND status = 'held' RETURNING id",
         )
         .bind(&previous)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         sqlx::query("UPDATE holds SET status = 'released' WHERE id = ANY($1)")
             .bind(&previous)
@@ -322,6 +323,9 @@ async fn hold(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    freed.retain(|id| !seat_ids.contains(id));
+    crate::live::seats_changed(&state, pass.event, &freed, "available").await;
+    crate::live::seats_changed(&state, pass.event, &seat_ids, "held").await;
     metrics::counter!("purchase_holds_total").increment(1);
     Ok((
         StatusCode::CREATED,
@@ -357,14 +361,15 @@ async fn release(
             "this pass has no active hold with that id".into(),
         ));
     }
-    sqlx::query(
+    let freed: Vec<i64> = sqlx::query_scalar(
         "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
-         WHERE hold_id = $1 AND status = 'held'",
+         WHERE hold_id = $1 AND status = 'held' RETURNING id",
     )
     .bind(hold_id)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    crate::live::seats_changed(&state, pass.event, &freed, "available").await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -378,16 +383,25 @@ pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> a
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let swept = sqlx::query(
+        let swept: Result<Vec<(i64, i64)>, _> = sqlx::query_as(
             "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
-             WHERE status = 'held' AND held_until < now()",
+             WHERE status = 'held' AND held_until < now() RETURNING event_id, id",
         )
-        .execute(&state.pg)
+        .fetch_all(&state.pg)
         .await;
         match swept {
-            Ok(r) if r.rows_affected() > 0 => {
-                metrics::counter!("purchase_seats_returned_total").increment(r.rows_affected());
-                tracing::info!(seats = r.rows_affected(), "expired holds returned to sale");
+            Ok(rows) if !rows.is_empty() => {
+                metrics::counter!("purchase_seats_returned_total").increment(rows.len() as u64);
+                tracing::info!(seats = rows.len(), "expired holds returned to sale");
+                let mut by_event: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+                for (event, seat) in rows {
+                    by_event.entry(event).or_default().push(seat);
+                }
+                for (event, seats) in by_event {
+                    if let Some(event) = EventId::new(event) {
+                        crate::live::seats_changed(&state, event, &seats, "available").await;
+                    }
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "hold sweep failed"),

@@ -13,6 +13,7 @@ use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
 use uuid::Uuid;
 
 mod catalog;
+mod live;
 
 const ORGANIZER: &str = "organizer-token-for-reconcile";
 

@@ -1,0 +1,396 @@
+//! Live updates for a pass holder: `GET /api/v1/events/{id}/live` is a server-sent-events
+//! stream of the event's seat changes (held, sold, back on sale) and of the fan's own notices
+//! (order confirmed, order refunded).
+//!
+//! Seat changes: whichever instance commits a change publishes it on one Redis channel; every
+//! instance holds one subscription and fans the changes out in-process, so a change costs one
+//! `PUBLISH` however many fans watch. They are best effort (an instance dying between commit
+//! and publish loses one message): a client subscribes first, then reads the seat map, and
+//! reads it again after a reconnect.
+//!
+//! Notices come from the transactional outbox (`outbox` rows written in the transaction that
+//! makes them true). Each instance's relay reads new rows once for all its fans; a stream first
+//! replays the fan's rows after `Last-Event-ID`, so nothing is missed across reconnects. The
+//! rows stay for notifiers (e-mail, SMS), which page through them with
+//! `GET /api/v1/organizer/outbox?after=`.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use shared::config::CommonConfig;
+use shared::extract::{Json, Path, Query};
+use shared::ids::EventId;
+use shared::token::{TokenError, TokenKind};
+use shared::ApiError;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::organizer::Organizer;
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/events/{id}/live", get(live))
+        .route("/api/v1/organizer/outbox", get(outbox_feed))
+}
+
+/// Places of one event that changed to one status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeatChange {
+    pub event_id: i64,
+    pub seat_ids: Vec<i64>,
+    /// "available", "held" or "sold".
+    pub status: String,
+}
+
+/// An outbox row: a notice for one fan.
+#[derive(Clone, Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Notice {
+    pub id: i64,
+    pub event_id: i64,
+    pub identity: String,
+    pub order_id: Uuid,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+enum Message {
+    Seats(Arc<SeatChange>),
+    Notice(Arc<Notice>),
+}
+
+/// The instance's fan-out of live messages and its count of open streams.
+#[derive(Clone)]
+pub struct LiveHub {
+    sender: broadcast::Sender<Message>,
+    open: Arc<AtomicUsize>,
+    max_streams: usize,
+    /// Ends every stream at shutdown (they would otherwise hold the server open).
+    shutdown: CancellationToken,
+}
+
+impl LiveHub {
+    pub fn new(max_streams: usize, shutdown: CancellationToken) -> Self {
+        LiveHub {
+            sender: broadcast::channel(8192).0,
+            open: Arc::default(),
+            max_streams,
+            shutdown,
+        }
+    }
+}
+
+/// The channel seat changes travel on, between instances.
+fn seats_channel(state: &AppState) -> String {
+    format!("{}:seat-changes", state.redis.prefix())
+}
+
+/// Tells every instance (and so every watching fan) that `seat_ids` of `event` are now `status`.
+/// Call after the change has committed.
+pub async fn seats_changed(state: &AppState, event: EventId, seat_ids: &[i64], status: &str) {
+    if seat_ids.is_empty() {
+        return;
+    }
+    let change = SeatChange {
+        event_id: event.get(),
+        seat_ids: seat_ids.to_vec(),
+        status: status.to_owned(),
+    };
+    let Ok(raw) = serde_json::to_string(&change) else {
+        return;
+    };
+    let published: Result<i64, _> = state
+        .redis
+        .client()
+        .publish(seats_channel(state), raw)
+        .await;
+    if let Err(e) = published {
+        tracing::warn!(error = %e, "could not publish a seat change");
+    }
+}
+
+/// One subscription per instance to the seat changes of every event.
+pub async fn run_seat_subscriber(
+    state: AppState,
+    config: CommonConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let subscriber = shared::redis::builder(&config.redis_url, config.redis_command_timeout())?
+        .build_subscriber_client()?;
+    subscriber.init().await?;
+    let _resubscribe = subscriber.manage_subscriptions();
+    let mut messages = subscriber.message_rx();
+    subscriber.subscribe(seats_channel(&state)).await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.recv() => match message {
+                Ok(message) => {
+                    let change = message
+                        .value
+                        .as_str()
+                        .and_then(|raw| serde_json::from_str::<SeatChange>(&raw).ok());
+                    if let Some(change) = change {
+                        let _ = state.live.sender.send(Message::Seats(Arc::new(change)));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "seat-change subscriber lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    let _ = subscriber.quit().await;
+    Ok(())
+}
+
+/// Rows whose id is below every row committed more than this long ago are settled: no
+/// transaction holding a lower id can still commit (statement and lock timeouts are far
+/// shorter), so the relay's floor can pass them.
+const SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Reads new outbox rows for the whole instance and hands each to the streams of its fan.
+/// Ids are assigned before commit, so a lower id can appear after a higher one: the relay keeps
+/// the ids it has sent above a floor of settled rows instead of one high-water mark.
+pub async fn run_outbox_relay(
+    state: AppState,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut floor: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(max(id), 0) FROM outbox WHERE created_at < now() - interval '60 seconds'",
+    )
+    .fetch_one(&state.pg)
+    .await?;
+    let mut sent: BTreeSet<i64> = BTreeSet::new();
+    let mut recent: Vec<(i64, DateTime<Utc>)> = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let sent_ids: Vec<i64> = sent.iter().copied().collect();
+        let rows: Result<Vec<Notice>, _> = sqlx::query_as(
+            "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
+             WHERE id > $1 AND NOT (id = ANY($2)) ORDER BY id LIMIT 1000",
+        )
+        .bind(floor)
+        .bind(&sent_ids)
+        .fetch_all(&state.pg)
+        .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay could not read; retrying");
+                continue;
+            }
+        };
+        for notice in rows {
+            sent.insert(notice.id);
+            recent.push((notice.id, notice.created_at));
+            metrics::counter!("purchase_outbox_relayed_total").increment(1);
+            let _ = state.live.sender.send(Message::Notice(Arc::new(notice)));
+        }
+        let settled_before = Utc::now() - SETTLE;
+        if let Some(settled) = recent
+            .iter()
+            .filter(|(_, at)| *at < settled_before)
+            .map(|(id, _)| *id)
+            .max()
+        {
+            floor = floor.max(settled);
+            recent.retain(|(id, _)| *id > floor);
+            sent = sent.split_off(&(floor + 1));
+        }
+    }
+}
+
+/// The pass of a live stream: the `Authorization` header, or `?pass=` because a browser's
+/// `EventSource` cannot send headers (request logs never include query strings).
+struct StreamPass {
+    event: EventId,
+    identity: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PassQuery {
+    pass: Option<String>,
+}
+
+impl FromRequestParts<AppState> for StreamPass {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Path(id) = Path::<i64>::from_request_parts(parts, state).await?;
+        let event = EventId::from_path(id)?;
+        let Query(query) = Query::<PassQuery>::from_request_parts(parts, state).await?;
+        let token = shared::extract::bearer(parts)
+            .map(str::to_owned)
+            .or(query.pass)
+            .ok_or_else(|| TokenError::Missing.into_api(TokenKind::Pass))?;
+        let claims = state
+            .passes
+            .verify(&token, event)
+            .await
+            .map_err(|e| e.into_api(TokenKind::Pass))?;
+        Ok(StreamPass {
+            event,
+            identity: claims.sub,
+        })
+    }
+}
+
+/// Decrements the open-stream count when a stream ends.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("purchase_live_streams_open").decrement(1.0);
+    }
+}
+
+async fn live(
+    State(state): State<AppState>,
+    pass: StreamPass,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let open = state.live.open.fetch_add(1, Ordering::Relaxed);
+    let slot = StreamSlot(state.live.open.clone());
+    metrics::gauge!("purchase_live_streams_open").increment(1.0);
+    if open >= state.live.max_streams {
+        return Err(ApiError::RateLimited {
+            retry_after_secs: 5,
+            message: "this instance has as many live streams open as it serves; retry shortly"
+                .into(),
+        });
+    }
+    let after: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // Subscribe before replaying, so nothing falls between the two.
+    let receiver = state.live.sender.subscribe();
+    let replay: Vec<Notice> = sqlx::query_as(
+        "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
+         WHERE event_id = $1 AND identity = $2 AND id > $3 ORDER BY id",
+    )
+    .bind(pass.event.get())
+    .bind(&pass.identity)
+    .bind(after)
+    .fetch_all(&state.pg)
+    .await?;
+    let event = pass.event.get();
+    let identity: Arc<str> = pass.identity.into();
+    let replayed: Arc<BTreeSet<i64>> = Arc::new(replay.iter().map(|n| n.id).collect());
+    let first = futures::stream::iter(replay.into_iter().map(|n| Ok(notice_event(&n))));
+    let shutdown = state.live.shutdown.clone();
+    let rest = futures::stream::unfold((receiver, slot), move |(mut receiver, slot)| {
+        let (identity, replayed) = (identity.clone(), replayed.clone());
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                let received = tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    received = receiver.recv() => received,
+                };
+                let next = match received {
+                    Ok(Message::Seats(change)) if change.event_id == event => {
+                        let data = serde_json::to_string(&*change).unwrap_or_default();
+                        Some(Event::default().event("seats").data(data))
+                    }
+                    Ok(Message::Notice(notice))
+                        if notice.event_id == event
+                            && *notice.identity == *identity
+                            && !replayed.contains(&notice.id) =>
+                    {
+                        Some(notice_event(&notice))
+                    }
+                    Ok(_) => None,
+                    // Too slow to keep up: say so; the client reloads the seat map.
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        Some(Event::default().event("lagged").data(missed.to_string()))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                if let Some(next) = next {
+                    return Some((Ok(next), (receiver, slot)));
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::chain(first, rest);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(20))))
+}
+
+fn notice_event(notice: &Notice) -> Event {
+    Event::default()
+        .id(notice.id.to_string())
+        .event(notice.kind.clone())
+        .data(serde_json::to_string(&notice.payload).unwrap_or_default())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeedQuery {
+    #[serde(default)]
+    after: i64,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Feed {
+    notices: Vec<Notice>,
+    /// Pass as `after` for the next page.
+    next_after: i64,
+}
+
+/// The outbox for notifiers: notices in id order after a cursor. A notifier keeps the cursor of
+/// rows older than a minute (younger ids can still fill in below it).
+async fn outbox_feed(
+    State(state): State<AppState>,
+    _organizer: Organizer,
+    Query(query): Query<FeedQuery>,
+) -> Result<Json<Feed>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) || query.after < 0 {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            "limit: must be 1 to 1000; after: must not be negative".into(),
+        ));
+    }
+    let notices: Vec<Notice> = sqlx::query_as(
+        "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
+         WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(query.after)
+    .bind(limit)
+    .fetch_all(&state.pg)
+    .await?;
+    let next_after = notices.last().map_or(query.after, |n| n.id);
+    Ok(Json(Feed {
+        notices,
+        next_after,
+    }))
+}
