@@ -25,6 +25,10 @@ if [ ! -s "$FG_DATA/signing.key" ]; then
 fi
 export FAIRGATE_SIGNING_KEY_FILE="$FG_DATA/signing.key"
 export FAIRGATE_ORGANIZER_TOKEN="${FAIRGATE_ORGANIZER_TOKEN:-$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+if [ ! -s "$FG_DATA/order.secret" ]; then
+  (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$FG_DATA/order.secret")
+fi
+export FAIRGATE_ORDER_SECRET="${FAIRGATE_ORDER_SECRET:-$(cat "$FG_DATA/order.secret")}"
 # The whole simulated crowd comes from one address.
 export FAIRGATE_JOIN_LIMIT_PER_IP="${FAIRGATE_JOIN_LIMIT_PER_IP:-0}"
 

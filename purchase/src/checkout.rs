@@ -146,7 +146,7 @@ async fn checkout(
     }
 
     match run(&state, &buyer, &key, &request).await {
-        Ok(done) => Ok((done.status, axum::Json(done.body)).into_response()),
+        Ok(done) => Ok(answer(&state, done.status, done.body)),
         Err(e) => {
             // Nothing was charged or sold: free the key so a retry runs again.
             sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
@@ -157,6 +157,25 @@ async fn checkout(
             Err(e)
         }
     }
+}
+
+/// A checkout's answer as the client gets it: a completed order also carries the fan's
+/// `manage_token` (to view or refund the order after the pass expires). The token is derived
+/// from the order id, never stored, so stored answers (for retries) do not hold it.
+fn answer(state: &AppState, status: StatusCode, mut body: serde_json::Value) -> Response {
+    if status == StatusCode::CREATED {
+        let order = body
+            .get("order_id")
+            .and_then(|v| v.as_str())
+            .and_then(|v| Uuid::parse_str(v).ok());
+        if let (Some(order), Some(fields)) = (order, body.as_object_mut()) {
+            fields.insert(
+                "manage_token".into(),
+                state.orders.manage_token(order).into(),
+            );
+        }
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 async fn replay(
@@ -187,7 +206,7 @@ async fn replay(
     match (run_state.as_str(), status, body) {
         ("done", Some(status), Some(body)) => {
             let status = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
-            Ok((status, axum::Json(body)).into_response())
+            Ok(answer(state, status, body))
         }
         _ => Err(ApiError::Conflict(
             "checkout_in_progress",
@@ -588,22 +607,36 @@ async fn order(
     pass: Pass,
     Path((_, order_id)): Path<(i64, Uuid)>,
 ) -> Result<Json<OrderView>, ApiError> {
-    let row = sqlx::query_as::<_, OrderRow>(
-        "SELECT id, event_id, hold_id, status, total_cents, payment_ref, created_at
-         FROM orders WHERE id = $1 AND jti = $2 AND event_id = $3",
+    let view = load_order(&state.pg, order_id)
+        .await?
+        .filter(|(view, jti)| *jti == pass.claims.jti && view.event_id == pass.event.get())
+        .ok_or_else(|| {
+            ApiError::NotFound("order_not_found", "this pass has no such order".into())
+        })?;
+    Ok(Json(view.0))
+}
+
+/// An order with its tickets, and the pass that bought it.
+pub(crate) async fn load_order(
+    pg: &sqlx::PgPool,
+    order_id: Uuid,
+) -> Result<Option<(OrderView, Uuid)>, ApiError> {
+    let Some(row) = sqlx::query_as::<_, OrderRow>(
+        "SELECT id, event_id, hold_id, status, total_cents, payment_ref, created_at, jti
+         FROM orders WHERE id = $1",
     )
     .bind(order_id)
-    .bind(pass.claims.jti)
-    .bind(pass.event.get())
-    .fetch_optional(&state.pg)
+    .fetch_optional(pg)
     .await?
-    .ok_or_else(|| ApiError::NotFound("order_not_found", "this pass has no such order".into()))?;
+    else {
+        return Ok(None);
+    };
     let tickets: Vec<(String, i64)> =
         sqlx::query_as("SELECT code, seat_id FROM tickets WHERE order_id = $1 ORDER BY seat_id")
             .bind(row.id)
-            .fetch_all(&state.pg)
+            .fetch_all(pg)
             .await?;
-    Ok(Json(OrderView {
+    let view = OrderView {
         order_id: row.id,
         event_id: row.event_id,
         hold_id: row.hold_id,
@@ -615,7 +648,8 @@ async fn order(
             .map(|(code, seat_id)| TicketView { code, seat_id })
             .collect(),
         created_at: row.created_at,
-    }))
+    };
+    Ok(Some((view, row.jti)))
 }
 
 #[derive(sqlx::FromRow)]
@@ -627,4 +661,5 @@ struct OrderRow {
     total_cents: i64,
     payment_ref: String,
     created_at: DateTime<Utc>,
+    jti: Uuid,
 }

@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_SUPPORT_TOKENS", hide_env_values = true)]
     pub support_tokens: Option<String>,
 
+    /// Secret (32+ characters) that derives each order's manage token, the same on every
+    /// instance; unset: a random one per process (tokens stop working at restart).
+    #[arg(long, env = "FAIRGATE_ORDER_SECRET", hide_env_values = true)]
+    pub order_secret: Option<String>,
+
     /// How long a hold keeps seats, in seconds.
     #[arg(long, env = "FAIRGATE_HOLD_TTL_SECS", default_value_t = 300)]
     pub hold_ttl_secs: u64,

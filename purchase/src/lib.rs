@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod checkout;
 pub mod config;
 pub mod live;
+pub mod orders;
 pub mod organizer;
 pub mod passgate;
 pub mod payments;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub organizer: RoleToken,
     pub support: shared::auth::NamedTokens,
     pub live: live::LiveHub,
+    pub orders: orders::OrderKeys,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -58,6 +60,7 @@ pub fn app(state: AppState) -> Router {
         .merge(refunds::router())
         .merge(reports::router())
         .merge(live::router())
+        .merge(orders::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -76,6 +79,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Duration::from_millis(config.sandbox_latency_ms),
             config.sandbox_failure_rate,
         )),
+        orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
         config: Arc::new(config),
         pg,

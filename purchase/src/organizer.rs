@@ -89,6 +89,17 @@ pub struct CreateEvent {
     /// General-admission ticket types: places without a fixed seat.
     #[serde(default)]
     pub ticket_types: Vec<TicketType>,
+    /// Fans may refund their own order until this many hours before the start; absent: no fan
+    /// refunds.
+    #[serde(default)]
+    pub fan_refund_cutoff_hours: Option<i32>,
+}
+
+fn check_cutoff(hours: Option<i32>) -> Result<(), ApiError> {
+    if hours.is_some_and(|h| !(0..=8760).contains(&h)) {
+        return Err(invalid("fan_refund_cutoff_hours", "must be 0 to 8760"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, Serialize, Clone, Default)]
@@ -203,6 +214,7 @@ impl CreateEvent {
             Some(&self.category),
         )?;
         self.sale.validate("sale.")?;
+        check_cutoff(self.fan_refund_cutoff_hours)?;
         let total = validate_places(
             &self.seat_map.sections,
             &self.ticket_types,
@@ -287,6 +299,8 @@ pub struct EventPage {
     pub category: String,
     pub min_price_cents: Option<i64>,
     pub max_price_cents: Option<i64>,
+    /// Fans may refund until this many hours before the start (absent: no fan refunds).
+    pub fan_refund_cutoff_hours: Option<i32>,
     pub seats_total: i64,
     pub seats_available: i64,
     pub seats_sold: i64,
@@ -306,8 +320,10 @@ async fn create_event(
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO events (name, venue, starts_at, presale_opens_at, sale_starts_at,
              sale_ends_at, rate_per_minute, max_active, pass_ttl_secs, claim_window_secs,
-             seats_per_fan, anonymous_allowed, description, city, category)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING id",
+             seats_per_fan, anonymous_allowed, description, city, category,
+             fan_refund_cutoff_hours)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+         RETURNING id",
     )
     .bind(request.name.trim())
     .bind(d.venue.trim())
@@ -324,6 +340,7 @@ async fn create_event(
     .bind(d.description.trim())
     .bind(d.city.trim())
     .bind(d.category.trim())
+    .bind(request.fan_refund_cutoff_hours)
     .fetch_one(&mut *tx)
     .await?;
     insert_places(
@@ -349,6 +366,8 @@ pub struct UpdateEvent {
     pub city: Option<String>,
     pub category: Option<String>,
     pub starts_at: Option<DateTime<Utc>>,
+    /// Hours before the start until which fans may refund; -1 withdraws fan refunds.
+    pub fan_refund_cutoff_hours: Option<i32>,
     #[serde(default)]
     pub add_sections: Vec<Section>,
     #[serde(default)]
@@ -376,6 +395,9 @@ async fn update_event(
         change.city.as_deref(),
         change.category.as_deref(),
     )?;
+    if change.fan_refund_cutoff_hours != Some(-1) {
+        check_cutoff(change.fan_refund_cutoff_hours)?;
+    }
     if change.starts_at.is_some_and(|t| t <= Utc::now()) {
         return Err(invalid("starts_at", "must be in the future"));
     }
@@ -457,7 +479,9 @@ async fn update_event(
     sqlx::query(
         "UPDATE events SET name = COALESCE($2, name), description = COALESCE($3, description),
              venue = COALESCE($4, venue), city = COALESCE($5, city),
-             category = COALESCE($6, category), starts_at = COALESCE($7, starts_at)
+             category = COALESCE($6, category), starts_at = COALESCE($7, starts_at),
+             fan_refund_cutoff_hours = CASE WHEN $8::int IS NULL THEN fan_refund_cutoff_hours
+                                            WHEN $8 = -1 THEN NULL ELSE $8 END
          WHERE id = $1",
     )
     .bind(id)
@@ -467,6 +491,7 @@ async fn update_event(
     .bind(change.city.as_deref().map(str::trim))
     .bind(change.category.as_deref().map(str::trim))
     .bind(change.starts_at)
+    .bind(change.fan_refund_cutoff_hours)
     .execute(&mut *tx)
     .await?;
     insert_places(&mut tx, id, &change.add_sections, &change.add_ticket_types).await?;
@@ -503,14 +528,16 @@ async fn event_page(
 
 async fn page(state: &AppState, id: EventId) -> Result<EventPage, ApiError> {
     let event = SaleEvent::load(&state.pg, id).await?;
-    let (description, city, category, min_price_cents, max_price_cents): (
+    let (description, city, category, min_price_cents, max_price_cents, fan_refund_cutoff_hours): (
         String,
         String,
         String,
         Option<i64>,
         Option<i64>,
+        Option<i32>,
     ) = sqlx::query_as(
-        "SELECT description, city, category, min_price_cents, max_price_cents
+        "SELECT description, city, category, min_price_cents, max_price_cents,
+                fan_refund_cutoff_hours
          FROM events WHERE id = $1",
     )
     .bind(id.get())
@@ -535,6 +562,7 @@ async fn page(state: &AppState, id: EventId) -> Result<EventPage, ApiError> {
         category,
         min_price_cents,
         max_price_cents,
+        fan_refund_cutoff_hours,
         seats_total: tiers.iter().map(|t| t.total).sum(),
         seats_available: tiers.iter().map(|t| t.available).sum(),
         seats_sold: tiers.iter().map(|t| t.sold).sum(),

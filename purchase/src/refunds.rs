@@ -54,6 +54,29 @@ async fn refund(
     Staff(actor): Staff,
     Path(order_id): Path<Uuid>,
 ) -> Result<Json<Refunded>, ApiError> {
+    Ok(Json(
+        refund_order(&state, order_id, Refunder::Staff(actor)).await?,
+    ))
+}
+
+/// Who asks for a refund: staff always may; a fan only within the event's refund rule.
+pub enum Refunder {
+    Staff(String),
+    Fan,
+}
+
+/// Voids an order's tickets, returns its seats and refunds its payment (see the module doc).
+/// Who asked is recorded; a fan is held to the event's rule: fan refunds offered, and asked
+/// before the cut-off ahead of the event's start.
+pub async fn refund_order(
+    state: &AppState,
+    order_id: Uuid,
+    refunder: Refunder,
+) -> Result<Refunded, ApiError> {
+    let actor = match &refunder {
+        Refunder::Staff(name) => name.clone(),
+        Refunder::Fan => "fan".to_owned(),
+    };
     let mut tx = state.pg.begin().await?;
     let (event_id, status, payment_ref): (i64, String, String) =
         sqlx::query_as("SELECT event_id, status, payment_ref FROM orders WHERE id = $1 FOR UPDATE")
@@ -66,6 +89,29 @@ async fn refund(
             "already_refunded",
             format!("this order is already {status}"),
         ));
+    }
+    if matches!(refunder, Refunder::Fan) {
+        let (cutoff, starts_at): (Option<i32>, chrono::DateTime<chrono::Utc>) =
+            sqlx::query_as("SELECT fan_refund_cutoff_hours, starts_at FROM events WHERE id = $1")
+                .bind(event_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let Some(hours) = cutoff else {
+            return Err(ApiError::Forbidden(
+                "refunds_not_offered",
+                "this event's organizer does not offer refunds to fans; ask support".into(),
+            ));
+        };
+        let deadline = starts_at - chrono::Duration::hours(i64::from(hours));
+        if chrono::Utc::now() >= deadline {
+            return Err(ApiError::Conflict(
+                "refund_window_closed",
+                format!(
+                    "refunds closed {hours} hours before the event, at {}",
+                    deadline.to_rfc3339()
+                ),
+            ));
+        }
     }
     let event = EventId::new(event_id).ok_or_else(|| ApiError::internal("bad event id"))?;
     let seat_ids: Vec<i64> = sqlx::query_scalar(
@@ -110,10 +156,10 @@ async fn refund(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    crate::live::seats_changed(&state, event, &seat_ids, "available").await;
+    crate::live::seats_changed(state, event, &seat_ids, "available").await;
     tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
-    reopen_line(&state, event).await;
-    let status = match finish_refund(&state, order_id, &payment_ref).await {
+    reopen_line(state, event).await;
+    let status = match finish_refund(state, order_id, &payment_ref).await {
         Ok(()) => "refunded",
         Err(e) => {
             tracing::warn!(error = %e, "provider refund pending; reconciliation retries it");
@@ -121,11 +167,11 @@ async fn refund(
         }
     };
     metrics::counter!("purchase_refunds_total").increment(1);
-    Ok(Json(Refunded {
+    Ok(Refunded {
         order_id,
         status: status.into(),
         seats_returned: seat_ids,
-    }))
+    })
 }
 
 /// Places are back on sale: the line reopens and admissions may resume.

@@ -7,7 +7,7 @@ use shared::token::{Signer, SigningKey};
 
 use crate::{assert_never_oversold, in_process, pass, ORGANIZER};
 
-fn event_body(name: &str, city: &str, category: &str, days: i64, price: i64) -> Value {
+pub(crate) fn event_body(name: &str, city: &str, category: &str, days: i64, price: i64) -> Value {
     let now = Utc::now();
     json!({
         "name": name, "city": city, "category": category, "venue": "Hall",
@@ -26,7 +26,7 @@ fn event_body(name: &str, city: &str, category: &str, days: i64, price: i64) -> 
     })
 }
 
-async fn create(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+pub(crate) async fn create(http: &reqwest::Client, url: &str, body: &Value) -> Value {
     let response = http
         .post(format!("{url}/api/v1/organizer/events"))
         .bearer_auth(ORGANIZER)
