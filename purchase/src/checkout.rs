@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::passgate::Pass;
 use crate::payments::{is_known_token, ChargeOutcome};
-use crate::seats::{ensure_pass_unused, lock_seats};
+use crate::seats::lock_seats;
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -130,32 +130,16 @@ async fn checkout(
     let hash =
         sha2::Sha256::digest(serde_json::to_vec(&request).map_err(ApiError::internal)?).to_vec();
 
-    let claimed = sqlx::query(
-        "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
-         VALUES ($1, $2, $3, 'running') ON CONFLICT DO NOTHING",
-    )
-    .bind(buyer.jti)
-    .bind(&key)
-    .bind(&hash)
-    .execute(&state.pg)
-    .await?
-    .rows_affected()
-        == 1;
-    if !claimed {
-        return replay(&state, &buyer, &key, &hash).await;
+    // A retry of a known key is answered from what the first attempt stored.
+    if let Some(response) = replay(&state, &buyer, &key, &hash).await? {
+        return Ok(response);
     }
-
-    match run(&state, &buyer, &key, &request).await {
-        Ok(done) => Ok(answer(&state, done.status, done.body)),
-        Err(e) => {
-            // Nothing was charged or sold: free the key so a retry runs again.
-            sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
-                .bind(buyer.jti)
-                .bind(&key)
-                .execute(&state.pg)
-                .await?;
-            Err(e)
-        }
+    match run(&state, &buyer, &key, &hash, &request).await? {
+        Some(done) => Ok(answer(&state, done.status, done.body)),
+        // Another request with this key claimed it first.
+        None => replay(&state, &buyer, &key, &hash)
+            .await?
+            .ok_or_else(|| ApiError::internal("a claimed checkout key vanished")),
     }
 }
 
@@ -178,25 +162,28 @@ fn answer(state: &AppState, status: StatusCode, mut body: serde_json::Value) -> 
     (status, axum::Json(body)).into_response()
 }
 
+/// A checkout key's row: request hash, state, and the stored answer once done.
+type StoredCheckout = (Vec<u8>, String, Option<i32>, Option<serde_json::Value>);
+
+/// The answer to a key already used: its stored answer, 409 while it runs, 422 with another
+/// body; `None` for a key not used yet.
 async fn replay(
     state: &AppState,
     buyer: &Buyer,
     key: &str,
     hash: &[u8],
-) -> Result<Response, ApiError> {
-    let (stored_hash, run_state, status, body): (
-        Vec<u8>,
-        String,
-        Option<i32>,
-        Option<serde_json::Value>,
-    ) = sqlx::query_as(
+) -> Result<Option<Response>, ApiError> {
+    let stored: Option<StoredCheckout> = sqlx::query_as(
         "SELECT request_hash, state, status_code, response FROM checkout_requests
-         WHERE jti = $1 AND idempotency_key = $2",
+             WHERE jti = $1 AND idempotency_key = $2",
     )
     .bind(buyer.jti)
     .bind(key)
-    .fetch_one(&state.pg)
+    .fetch_optional(&state.pg)
     .await?;
+    let Some((stored_hash, run_state, status, body)) = stored else {
+        return Ok(None);
+    };
     if stored_hash != hash {
         return Err(ApiError::Unprocessable(
             "idempotency_key_reused",
@@ -206,7 +193,7 @@ async fn replay(
     match (run_state.as_str(), status, body) {
         ("done", Some(status), Some(body)) => {
             let status = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
-            Ok(answer(state, status, body))
+            Ok(Some(answer(state, status, body)))
         }
         _ => Err(ApiError::Conflict(
             "checkout_in_progress",
@@ -227,20 +214,37 @@ async fn run(
     state: &AppState,
     buyer: &Buyer,
     key: &str,
+    hash: &[u8],
     request: &CheckoutRequest,
-) -> Result<Final, ApiError> {
-    ensure_pass_unused(state, buyer.jti).await?;
-    let hold = sqlx::query_as::<_, HoldRow>(
-        "SELECT jti, seat_ids FROM holds WHERE id = $1 AND event_id = $2",
-    )
-    .bind(request.hold_id)
-    .bind(buyer.event.get())
-    .fetch_optional(&state.pg)
-    .await?
-    .filter(|h| h.jti == buyer.jti)
-    .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
-    claim_hold(state, request.hold_id).await?;
-    let result = charge_and_commit(state, buyer, key, request, &hold).await;
+) -> Result<Option<Final>, ApiError> {
+    let (hold, used): (Option<HoldRow>, bool) = {
+        let row: Option<(Uuid, Vec<i64>, bool)> = sqlx::query_as(
+            "SELECT h.jti, h.seat_ids, EXISTS (SELECT 1 FROM orders o WHERE o.jti = h.jti)
+             FROM holds h WHERE h.id = $1 AND h.event_id = $2",
+        )
+        .bind(request.hold_id)
+        .bind(buyer.event.get())
+        .fetch_optional(&state.pg)
+        .await?;
+        match row {
+            Some((jti, seat_ids, used)) => (Some(HoldRow { jti, seat_ids }), used),
+            None => (None, false),
+        }
+    };
+    let hold = hold
+        .filter(|h| h.jti == buyer.jti)
+        .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
+    if used {
+        return Err(ApiError::Conflict(
+            "pass_used",
+            "this pass has already been used for a purchase".into(),
+        ));
+    }
+    let Some((payment_key, total)) = begin_payment(state, buyer, key, hash, request, &hold).await?
+    else {
+        return Ok(None);
+    };
+    let result = charge_and_commit(state, buyer, key, request, &hold, &payment_key, total).await;
     // Whatever did not end in a purchase gives the hold back (it still expires on time).
     let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
     if !settled {
@@ -249,18 +253,26 @@ async fn run(
             .execute(&state.pg)
             .await?;
     }
-    result
+    if result.is_err() {
+        // Nothing was charged or sold: free the key so a retry runs again.
+        sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
+            .bind(buyer.jti)
+            .bind(key)
+            .execute(&state.pg)
+            .await?;
+    }
+    result.map(Some)
 }
 
 /// Marks the hold as being paid for, so a second checkout of the same hold (another key, a
 /// second tab) is refused before it can charge the card again.
-async fn claim_hold(state: &AppState, hold_id: Uuid) -> Result<(), ApiError> {
+async fn claim_hold(tx: &mut sqlx::PgConnection, hold_id: Uuid) -> Result<(), ApiError> {
     let claimed = sqlx::query(
         "UPDATE holds SET status = 'paying'
          WHERE id = $1 AND status = 'active' AND expires_at > now()",
     )
     .bind(hold_id)
-    .execute(&state.pg)
+    .execute(&mut *tx)
     .await?
     .rows_affected()
         == 1;
@@ -269,7 +281,7 @@ async fn claim_hold(state: &AppState, hold_id: Uuid) -> Result<(), ApiError> {
     }
     let status: String = sqlx::query_scalar("SELECT status FROM holds WHERE id = $1")
         .bind(hold_id)
-        .fetch_one(&state.pg)
+        .fetch_one(&mut *tx)
         .await?;
     Err(match status.as_str() {
         "paying" => ApiError::Conflict(
@@ -284,20 +296,41 @@ async fn claim_hold(state: &AppState, hold_id: Uuid) -> Result<(), ApiError> {
     })
 }
 
-async fn charge_and_commit(
+/// One transaction claims the idempotency key and the hold for this checkout and records the
+/// payment about to be taken (the record reconciliation starts from): nothing is charged
+/// unless all three stand. Returns the payment's idempotency key and amount, or `None` when
+/// another request with the same key claimed it first (a concurrent claim waits on the key's
+/// unique index until that one commits).
+async fn begin_payment(
     state: &AppState,
     buyer: &Buyer,
     key: &str,
+    hash: &[u8],
     request: &CheckoutRequest,
     hold: &HoldRow,
-) -> Result<Final, ApiError> {
+) -> Result<Option<(String, i64)>, ApiError> {
+    let mut tx = state.pg.begin().await?;
+    let claimed = sqlx::query(
+        "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
+         VALUES ($1, $2, $3, 'running') ON CONFLICT DO NOTHING",
+    )
+    .bind(buyer.jti)
+    .bind(key)
+    .bind(hash)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !claimed {
+        return Ok(None);
+    }
+    claim_hold(&mut tx, request.hold_id).await?;
     let total: i64 = sqlx::query_scalar(
         "SELECT COALESCE(sum(price_cents), 0)::bigint FROM seats WHERE id = ANY($1)",
     )
     .bind(&hold.seat_ids)
-    .fetch_one(&state.pg)
+    .fetch_one(&mut *tx)
     .await?;
-
     let payment_key = format!("{}:{key}", buyer.jti);
     sqlx::query(
         "INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
@@ -313,12 +346,26 @@ async fn charge_and_commit(
     .bind(buyer.ticket.0)
     .bind(request.hold_id)
     .bind(key)
-    .execute(&state.pg)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
+    Ok(Some((payment_key, total)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn charge_and_commit(
+    state: &AppState,
+    buyer: &Buyer,
+    key: &str,
+    request: &CheckoutRequest,
+    hold: &HoldRow,
+    payment_key: &str,
+    total: i64,
+) -> Result<Final, ApiError> {
     // No row lock is held here: the provider may take seconds.
     let outcome = state
         .payments
-        .charge(&payment_key, total, &request.payment_token)
+        .charge(payment_key, total, &request.payment_token)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "payment provider call failed");
@@ -330,7 +377,7 @@ async fn charge_and_commit(
     if state.config.fault_crash_after_charge && matches!(outcome, ChargeOutcome::Succeeded { .. }) {
         // Fault injection for the reconciliation test: die between the charge and the order.
         sqlx::query("UPDATE payments SET status = 'succeeded' WHERE idempotency_key = $1")
-            .bind(&payment_key)
+            .bind(payment_key)
             .execute(&state.pg)
             .await?;
         tracing::error!("FAIRGATE_FAULT_CRASH_AFTER_CHARGE: aborting after the charge");
@@ -343,7 +390,7 @@ async fn charge_and_commit(
         request.hold_id,
         hold,
         total,
-        &payment_key,
+        payment_key,
         outcome,
     )
     .await
@@ -389,15 +436,18 @@ pub(crate) async fn settle(
         }
         ChargeOutcome::Succeeded { reference } => reference,
     };
-    sqlx::query(
-        "UPDATE payments SET status = 'succeeded', provider_ref = $2 WHERE idempotency_key = $1",
+    match commit(
+        state,
+        buyer,
+        key,
+        hold_id,
+        hold,
+        total,
+        payment_key,
+        &reference,
     )
-    .bind(payment_key)
-    .bind(&reference)
-    .execute(&state.pg)
-    .await?;
-
-    match commit(state, buyer, key, hold_id, hold, total, &reference).await {
+    .await
+    {
         Ok((done, sold_out)) => {
             if sold_out {
                 close_line(state, buyer).await;
@@ -413,7 +463,14 @@ pub(crate) async fn settle(
                 tracing::error!(error = %e, payment = %payment_key, "refund failed; reconciliation retries");
                 return Err(ApiError::internal("refund failed"));
             }
-            mark_settled(&state.pg, payment_key, "refunded").await?;
+            sqlx::query(
+                "UPDATE payments SET status = 'refunded', provider_ref = $2, settled_at = now()
+                 WHERE idempotency_key = $1",
+            )
+            .bind(payment_key)
+            .bind(&reference)
+            .execute(&state.pg)
+            .await?;
             let done = Final::error(&refused);
             store(&state.pg, buyer, key, &done).await?;
             Ok(done)
@@ -451,6 +508,7 @@ async fn commit(
     hold_id: Uuid,
     hold: &HoldRow,
     total: i64,
+    payment_key: &str,
     reference: &str,
 ) -> Result<(Final, bool), ApiError> {
     let mut tx = state.pg.begin().await?;
@@ -544,10 +602,14 @@ async fn commit(
     .bind(&done.body)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE payments SET settled_at = now() WHERE provider_ref = $1")
-        .bind(reference)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE payments SET status = 'succeeded', provider_ref = $2, settled_at = now()
+         WHERE idempotency_key = $1",
+    )
+    .bind(payment_key)
+    .bind(reference)
+    .execute(&mut *tx)
+    .await?;
     // The last seat sold: from now on the line is closed (the buffer answers 410).
     let sold_out = sqlx::query(
         "UPDATE events SET sold_out_at = now()

@@ -75,7 +75,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
         payments: Arc::new(payments::Sandbox::new(
-            pg.clone(),
+            // The sandbox stands in for an outside provider: its own records need not wait for
+            // our WAL flush (a Postgres crash could lose the last few; a process crash cannot).
+            shared::db::connect_url_with(
+                &config.common.database_url,
+                config.common.db_max_connections.div_ceil(4).max(2),
+                &[("synchronous_commit", "off")],
+            )
+            .await?,
             Duration::from_millis(config.sandbox_latency_ms),
             config.sandbox_failure_rate,
         )),

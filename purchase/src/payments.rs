@@ -112,20 +112,25 @@ impl PaymentProvider for Sandbox {
             _ => "card_declined",
         };
         // The first charge under a key decides; later ones read it back.
-        sqlx::query(
+        let created: Option<(String, String)> = sqlx::query_as(
             "INSERT INTO sandbox_charges (idempotency_key, reference, amount_cents, outcome)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING",
+             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING outcome, reference",
         )
         .bind(key)
         .bind(format!("sb_ch_{}", Uuid::new_v4().simple()))
         .bind(amount_cents)
         .bind(code)
-        .execute(&self.pg)
+        .fetch_optional(&self.pg)
         .await
         .map_err(unavailable)?;
-        self.lookup(key)
-            .await?
-            .ok_or_else(|| PaymentError::Unavailable("charge vanished".into()))
+        match created {
+            Some((code, reference)) => Ok(outcome(&code, reference)),
+            None => self
+                .lookup(key)
+                .await?
+                .ok_or_else(|| PaymentError::Unavailable("charge vanished".into())),
+        }
     }
 
     async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, PaymentError> {

@@ -16,9 +16,19 @@ pub async fn connect(config: &CommonConfig) -> anyhow::Result<PgPool> {
 }
 
 pub async fn connect_url(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    connect_url_with(url, max_connections, &[]).await
+}
+
+/// A pool whose sessions also set `settings` (e.g. `synchronous_commit`).
+pub async fn connect_url_with(
+    url: &str,
+    max_connections: u32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = url
         .parse::<PgConnectOptions>()?
         .options([("statement_timeout", "15000"), ("lock_timeout", "5000")])
+        .options(settings.iter().copied())
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
     let pool = PgPoolOptions::new()

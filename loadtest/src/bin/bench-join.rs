@@ -6,17 +6,17 @@
 //! The buffer and the bare handler run as separate processes (this binary started again with
 //! `--serve-bare`), so the load generator does not share their runtime.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use axum::routing::post;
 use chrono::Utc;
 use clap::Parser;
+use fairgate_loadtest::bench::{latencies, ms, wait_ready, Guard};
 use fred::prelude::*;
-use hdrhistogram::Histogram;
 
 /// Measure join throughput against the raw primitives, same run.
 #[derive(Parser)]
@@ -183,16 +183,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills a child process when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Run {
     rps: f64,
     p50_ms: f64,
@@ -209,7 +199,7 @@ async fn load(http: &reqwest::Client, url: &str, requests: u64, concurrency: usi
         let (http, url, next, errors) =
             (http.clone(), url.to_owned(), next.clone(), errors.clone());
         workers.spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut h = latencies();
             while next.fetch_add(1, Ordering::Relaxed) < requests {
                 let t = Instant::now();
                 let ok = match http
@@ -230,28 +220,16 @@ async fn load(http: &reqwest::Client, url: &str, requests: u64, concurrency: usi
             h
         });
     }
-    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut all = latencies();
     while let Some(Ok(h)) = workers.join_next().await {
         let _ = all.add(&h);
     }
     Run {
         rps: requests as f64 / started.elapsed().as_secs_f64(),
-        p50_ms: all.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+        p50_ms: ms(&all, 0.5),
+        p99_ms: ms(&all, 0.99),
         errors: errors.load(Ordering::Relaxed),
     }
-}
-
-async fn wait_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    anyhow::bail!("{url} never became ready")
 }
 
 fn redis_benchmark_zadd(url: &str, requests: u64) -> anyhow::Result<f64> {

@@ -1,0 +1,433 @@
+//! `bench-checkout`: hold + checkout throughput of a real purchase process on a 100,000-seat
+//! event (sandbox payments at zero latency), next to the raw primitive measured in the same run:
+//! `pgbench` running a two-seat `SELECT … FOR UPDATE` plus the conditional `UPDATE` of a hold,
+//! on a second event of the same size. The brief's target: at least 40% of pgbench's
+//! transactions per second, and p99 under 100 ms.
+//!
+//! The bench signs its own passes (its key is served as the JWKS the purchase service trusts),
+//! so it measures the purchase path alone: each simulated buyer holds two adjacent seats picked
+//! at random, then pays. Afterwards it checks that no seat was sold twice and every order was
+//! charged once, and deletes what it created.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::Utc;
+use clap::Parser;
+use fairgate_loadtest::bench::{free_port, latencies, ms, wait_ready, Guard};
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde_json::{json, Value};
+use shared::ids::{EventId, TicketId};
+use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
+use uuid::Uuid;
+
+/// Measure hold + checkout against pgbench's two-seat FOR UPDATE transaction, same run.
+#[derive(Parser)]
+#[command(name = "bench-checkout", version)]
+struct Args {
+    /// Seats of each event (sections of 10 rows × 100 seats).
+    #[arg(long, default_value_t = 100_000)]
+    seats: u32,
+    /// Seconds each side runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Buyers in flight at once against the purchase service.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// pgbench clients.
+    #[arg(long, default_value_t = 16)]
+    pgbench_clients: usize,
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
+    )]
+    database_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+const ORGANIZER: &str = "bench-checkout-organizer-token";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(args.seats >= 1000, "--seats must be at least 1000");
+    let pg = shared::db::connect_url(&args.database_url, 2).await?;
+    shared::db::migrate(&pg).await?;
+    let signer = Signer::new(SigningKey::generate()?, "fairgate");
+    let jwks_url = serve_jwks(&signer).await?;
+
+    let exe = std::env::current_exe()?;
+    let purchase_exe = exe.with_file_name("purchase");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let _purchase = Guard(
+        Command::new(&purchase_exe)
+            .env("FAIRGATE_PURCHASE_BIND", &addr)
+            .env("DATABASE_URL", &args.database_url)
+            .env("REDIS_URL", &args.redis_url)
+            .env(
+                "FAIRGATE_REDIS_PREFIX",
+                format!("bench:{}", Uuid::new_v4().simple()),
+            )
+            .env("FAIRGATE_JWKS_URL", &jwks_url)
+            .env("FAIRGATE_ORGANIZER_TOKEN", ORGANIZER)
+            .env(
+                "FAIRGATE_ORDER_SECRET",
+                hex::encode(shared::token::random_seed()),
+            )
+            .env("FAIRGATE_DB_MAX_CONNECTIONS", "20")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release first)",
+                    purchase_exe.display()
+                )
+            })?,
+    );
+    let url = format!("http://{addr}");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    wait_ready(&http, &format!("{url}/readyz")).await?;
+
+    let started = Instant::now();
+    let ours = create_event(&http, &url, args.seats, "bench-checkout").await?;
+    let create_secs = started.elapsed().as_secs_f64();
+    let theirs = create_event(&http, &url, args.seats, "bench-checkout-pgbench").await?;
+    let range = |event: i64| {
+        sqlx::query_as::<_, (i64, i64)>("SELECT min(id), max(id) FROM seats WHERE event_id = $1")
+            .bind(event)
+            .fetch_one(&pg)
+    };
+    let (our_lo, our_hi) = range(ours).await?;
+    let (their_lo, their_hi) = range(theirs).await?;
+
+    let pgbench = run_pgbench(&args, their_lo, their_hi)?;
+    let run = buy(&http, &url, &signer, ours, (our_lo, our_hi), &args).await;
+
+    let checks: (i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM (SELECT t.seat_id FROM tickets t JOIN orders o ON o.id = t.order_id
+                                  WHERE o.event_id = $1 AND t.status = 'valid'
+                                  GROUP BY t.seat_id HAVING count(*) > 1) AS d),
+           (SELECT count(*) FROM seats s WHERE s.event_id = $1 AND (s.status = 'sold') <>
+                 EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = s.id AND t.status = 'valid')),
+           (SELECT abs((SELECT count(*) FROM orders WHERE event_id = $1)
+                     - (SELECT count(*) FROM payments WHERE event_id = $1
+                        AND status = 'succeeded')))",
+    )
+    .bind(ours)
+    .fetch_one(&pg)
+    .await?;
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE event_id = $1")
+        .bind(ours)
+        .fetch_one(&pg)
+        .await?;
+
+    let rps = run.bought as f64 / run.seconds;
+    let ratio = rps / pgbench.tps;
+    println!("seats per event            {}", args.seats);
+    println!("event created in           {create_secs:.2} s (organizer API, one request)");
+    println!(
+        "pgbench two-seat FOR UPDATE {:>8.0} tx/s  avg {:.2} ms  ({} clients)",
+        pgbench.tps, pgbench.latency_ms, args.pgbench_clients
+    );
+    println!(
+        "fairgate hold + checkout   {rps:>8.0} /s    p50 {:.2} ms  p99 {:.2} ms  ({} in flight)",
+        ms(&run.pair, 0.5),
+        ms(&run.pair, 0.99),
+        args.concurrency
+    );
+    println!(
+        "  hold                     p50 {:.2} ms  p99 {:.2} ms",
+        ms(&run.hold, 0.5),
+        ms(&run.hold, 0.99)
+    );
+    println!(
+        "  checkout                 p50 {:.2} ms  p99 {:.2} ms",
+        ms(&run.checkout, 0.5),
+        ms(&run.checkout, 0.99)
+    );
+    println!(
+        "bought / seats taken / errors  {} / {} / {}",
+        run.bought, run.taken, run.errors
+    );
+    println!("ratio fairgate / pgbench   {ratio:.2} (target ≥ 0.40, p99 < 100 ms)");
+    println!("orders {orders}; seats on two tickets, sold≠ticketed, orders≠charges: {checks:?}");
+    if let Some(path) = &args.json {
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&json!({
+                "seats": args.seats,
+                "event_create_secs": create_secs,
+                "pgbench_tps": pgbench.tps,
+                "pgbench_latency_avg_ms": pgbench.latency_ms,
+                "pgbench_clients": args.pgbench_clients,
+                "hold_checkout_per_sec": rps,
+                "concurrency": args.concurrency,
+                "pair_p50_ms": ms(&run.pair, 0.5),
+                "pair_p99_ms": ms(&run.pair, 0.99),
+                "hold_p50_ms": ms(&run.hold, 0.5),
+                "hold_p99_ms": ms(&run.hold, 0.99),
+                "checkout_p50_ms": ms(&run.checkout, 0.5),
+                "checkout_p99_ms": ms(&run.checkout, 0.99),
+                "bought": run.bought,
+                "seats_taken": run.taken,
+                "errors": run.errors,
+                "ratio": ratio,
+                "target_ratio": 0.4,
+                "invariants_ok": checks == (0, 0, 0),
+            }))?,
+        )?;
+    }
+    for event in [ours, theirs] {
+        // Orders first: their tickets hold on to the seats.
+        for table in ["orders", "payments", "events"] {
+            let column = if table == "events" { "id" } else { "event_id" };
+            sqlx::query(&format!("DELETE FROM {table} WHERE {column} = $1"))
+                .bind(event)
+                .execute(&pg)
+                .await?;
+        }
+    }
+    anyhow::ensure!(checks == (0, 0, 0), "an invariant failed: {checks:?}");
+    anyhow::ensure!(run.errors == 0, "{} requests failed", run.errors);
+    Ok(())
+}
+
+async fn serve_jwks(signer: &Signer) -> anyhow::Result<String> {
+    let jwks = signer.jwks();
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}/.well-known/jwks.json"))
+}
+
+/// An event on sale now with `seats` seats in sections of 10 rows × 100.
+async fn create_event(
+    http: &reqwest::Client,
+    url: &str,
+    seats: u32,
+    name: &str,
+) -> anyhow::Result<i64> {
+    let now = Utc::now();
+    let sections: Vec<Value> = (0..seats.div_ceil(1000))
+        .map(|i| {
+            let rows = ((seats - i * 1000).min(1000) / 100).max(1);
+            json!({ "name": format!("S{i}"), "rows": rows, "seats_per_row": 100,
+                    "price_cents": 5000 + 100 * (i % 10) })
+        })
+        .collect();
+    let response = http
+        .post(format!("{url}/api/v1/organizer/events"))
+        .bearer_auth(ORGANIZER)
+        .json(&json!({
+            "name": name, "starts_at": now + chrono::Duration::days(30),
+            "sale": {
+                "presale_opens_at": now - chrono::Duration::hours(2),
+                "sale_starts_at": now - chrono::Duration::hours(1),
+                "sale_ends_at": now + chrono::Duration::hours(3),
+                "rate_per_minute": 60, "max_active": 10, "seats_per_fan": 2
+            },
+            "seat_map": { "sections": sections }
+        }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status() == 201,
+        "creating the event: {}",
+        response.text().await?
+    );
+    let created: Value = response.json().await?;
+    created["id"].as_i64().context("no event id")
+}
+
+struct Pgbench {
+    tps: f64,
+    latency_ms: f64,
+}
+
+/// pgbench on the other event's seats: lock two adjacent seats, hold them if available.
+fn run_pgbench(args: &Args, lo: i64, hi: i64) -> anyhow::Result<Pgbench> {
+    let script = std::env::temp_dir().join(format!("fairgate-hold-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "\\set s random({lo}, {})
+BEGIN;
+SELECT id, status FROM seats WHERE id IN (:s, :s + 1) ORDER BY id FOR UPDATE;
+UPDATE seats SET status = 'held', hold_id = gen_random_uuid(),
+    held_until = now() + interval '5 minutes'
+  WHERE id IN (:s, :s + 1) AND status = 'available';
+COMMIT;
+",
+            hi - 1
+        ),
+    )?;
+    let output = Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-j", "2"])
+        .args(["-c", &args.pgbench_clients.to_string()])
+        .args(["-T", &args.seconds.to_string()])
+        .arg("-f")
+        .arg(&script)
+        .arg(&args.database_url)
+        .output()
+        .context("running pgbench (apt-get install postgresql-client)")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figure = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Ok(Pgbench {
+        tps: figure("tps").context("no tps in pgbench's output")?,
+        latency_ms: figure("latency average").unwrap_or(f64::NAN),
+    })
+}
+
+struct Run {
+    bought: u64,
+    taken: u64,
+    errors: u64,
+    seconds: f64,
+    hold: Histogram<u64>,
+    checkout: Histogram<u64>,
+    pair: Histogram<u64>,
+}
+
+fn mint_pass(signer: &Signer, event: i64, n: u64) -> anyhow::Result<String> {
+    let now = Utc::now().timestamp();
+    let claims = PassClaims {
+        iss: signer.issuer().to_owned(),
+        aud: TokenKind::Pass.audience().to_owned(),
+        sub: format!("bench:{n}"),
+        evt: EventId::new(event).context("event id")?,
+        tkt: TicketId::random(),
+        jti: Uuid::new_v4(),
+        iat: now,
+        nbf: now,
+        exp: now + 900,
+        lim: 2,
+    };
+    Ok(signer.sign(TokenKind::Pass, &claims)?)
+}
+
+/// Buyers hold two adjacent random seats and pay, for `--seconds`.
+async fn buy(
+    http: &reqwest::Client,
+    url: &str,
+    signer: &Signer,
+    event: i64,
+    (lo, hi): (i64, i64),
+    args: &Args,
+) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let counter = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (http, url, signer, counter) = (
+            http.clone(),
+            url.to_owned(),
+            signer.clone(),
+            counter.clone(),
+        );
+        workers.spawn(async move {
+            let (mut hold, mut checkout, mut pair) = (latencies(), latencies(), latencies());
+            let (mut bought, mut taken, mut errors) = (0u64, 0u64, 0u64);
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let Ok(pass) = mint_pass(&signer, event, n) else {
+                    errors += 1;
+                    continue;
+                };
+                let seat = rand::rng().random_range(lo..hi);
+                let t0 = Instant::now();
+                let held = http
+                    .post(format!("{url}/api/v1/events/{event}/holds"))
+                    .bearer_auth(&pass)
+                    .json(&json!({ "seat_ids": [seat, seat + 1] }))
+                    .send()
+                    .await;
+                let held = match held {
+                    Ok(r) if r.status() == 201 => r.json::<Value>().await.ok(),
+                    Ok(r) if r.status() == 409 => {
+                        taken += 1;
+                        continue;
+                    }
+                    _ => None,
+                };
+                let _ = hold.record(t0.elapsed().as_micros().max(1) as u64);
+                let Some(held) = held else {
+                    errors += 1;
+                    continue;
+                };
+                let t1 = Instant::now();
+                let paid = http
+                    .post(format!("{url}/api/v1/events/{event}/checkout"))
+                    .bearer_auth(&pass)
+                    .header("Idempotency-Key", format!("bench-{n}"))
+                    .json(&json!({ "hold_id": held["hold_id"], "payment_token": "tok_visa" }))
+                    .send()
+                    .await;
+                let _ = checkout.record(t1.elapsed().as_micros().max(1) as u64);
+                match paid {
+                    Ok(r) if r.status() == 201 => {
+                        bought += 1;
+                        let _ = pair.record(t0.elapsed().as_micros().max(1) as u64);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (hold, checkout, pair, bought, taken, errors)
+        });
+    }
+    let mut run = Run {
+        bought: 0,
+        taken: 0,
+        errors: 0,
+        seconds: 0.0,
+        hold: latencies(),
+        checkout: latencies(),
+        pair: latencies(),
+    };
+    while let Some(Ok((hold, checkout, pair, bought, taken, errors))) = workers.join_next().await {
+        let _ = run.hold.add(&hold);
+        let _ = run.checkout.add(&checkout);
+        let _ = run.pair.add(&pair);
+        run.bought += bought;
+        run.taken += taken;
+        run.errors += errors;
+    }
+    run.seconds = started.elapsed().as_secs_f64();
+    run
+}
