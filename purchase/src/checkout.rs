@@ -22,7 +22,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::passgate::Pass;
-use crate::payments::{is_known_token, ChargeOutcome};
+use crate::payments::ChargeOutcome;
 use crate::seats::lock_seats;
 use crate::AppState;
 
@@ -121,7 +121,7 @@ async fn checkout(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let buyer = Buyer::from(&pass);
-    if !is_known_token(&request.payment_token) {
+    if !state.payments.accepts(&request.payment_token) {
         return Err(ApiError::Unprocessable(
             "invalid_field",
             "payment_token: not a card token this payment provider issued".into(),

@@ -43,6 +43,31 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_HOLD_SWEEP_MS", default_value_t = 5000)]
     pub hold_sweep_ms: u64,
 
+    /// Payment provider: `sandbox` (built in, test cards) or `stripe` (Stripe's API).
+    #[arg(long, env = "FAIRGATE_PAYMENT_PROVIDER", default_value = "sandbox",
+          value_parser = ["sandbox", "stripe"])]
+    pub payment_provider: String,
+
+    /// Stripe secret API key (`sk_…`), for the stripe provider.
+    #[arg(long, env = "FAIRGATE_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+
+    /// Stripe API base URL (a local fake in tests).
+    #[arg(
+        long,
+        env = "FAIRGATE_STRIPE_BASE_URL",
+        default_value = "https://api.stripe.com"
+    )]
+    pub stripe_base_url: String,
+
+    /// Signing secret of the Stripe webhook endpoint (`whsec_…`); unset: webhooks refused.
+    #[arg(long, env = "FAIRGATE_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
+
+    /// Currency of charges (ISO 4217, lower case for Stripe).
+    #[arg(long, env = "FAIRGATE_CURRENCY", default_value = "eur")]
+    pub currency: String,
+
     /// Latency the sandbox payment provider adds to each call, in milliseconds.
     #[arg(long, env = "FAIRGATE_SANDBOX_LATENCY_MS", default_value_t = 0)]
     pub sandbox_latency_ms: u64,

@@ -18,6 +18,7 @@ pub mod reconcile;
 pub mod refunds;
 pub mod reports;
 pub mod seats;
+pub mod stripe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,20 +62,20 @@ pub fn app(state: AppState) -> Router {
         .merge(reports::router())
         .merge(live::router())
         .merge(orders::router())
+        .merge(stripe::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
 
-pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
-    let Backends { pg, redis, .. } = Backends::connect("purchase", &config.common).await?;
-    let passes = passgate::PassKeys::new(config.jwks_url.clone(), config.common.issuer.clone())?;
-    if let Err(e) = passes.refresh().await {
-        tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");
-    }
-    let state = AppState {
-        organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
-        support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
-        payments: Arc::new(payments::Sandbox::new(
+/// The configured payment provider.
+async fn provider(config: &Config) -> anyhow::Result<Arc<dyn payments::PaymentProvider>> {
+    Ok(match config.payment_provider.as_str() {
+        "stripe" => Arc::new(stripe::Stripe::new(
+            &config.stripe_base_url,
+            config.stripe_secret_key.as_deref().unwrap_or_default(),
+            &config.currency,
+        )?),
+        _ => Arc::new(payments::Sandbox::new(
             // The sandbox stands in for an outside provider: its own records need not wait for
             // our WAL flush (a Postgres crash could lose the last few; a process crash cannot).
             shared::db::connect_url_with(
@@ -86,6 +87,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Duration::from_millis(config.sandbox_latency_ms),
             config.sandbox_failure_rate,
         )),
+    })
+}
+
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    let Backends { pg, redis, .. } = Backends::connect("purchase", &config.common).await?;
+    let passes = passgate::PassKeys::new(config.jwks_url.clone(), config.common.issuer.clone())?;
+    if let Err(e) = passes.refresh().await {
+        tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");
+    }
+    let state = AppState {
+        organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
+        support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
+        payments: provider(&config).await?,
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
         config: Arc::new(config),

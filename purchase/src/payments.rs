@@ -28,6 +28,8 @@ pub enum PaymentError {
 #[async_trait]
 pub trait PaymentProvider: Send + Sync {
     fn name(&self) -> &'static str;
+    /// Whether `token` is a payment token of this provider (checked before anything is stored).
+    fn accepts(&self, token: &str) -> bool;
     /// Charges `amount_cents` to the card behind `token`. Idempotent per `key`.
     async fn charge(
         &self,
@@ -94,6 +96,10 @@ fn outcome(code: &str, reference: String) -> ChargeOutcome {
 impl PaymentProvider for Sandbox {
     fn name(&self) -> &'static str {
         "sandbox"
+    }
+
+    fn accepts(&self, token: &str) -> bool {
+        is_known_token(token)
     }
 
     async fn charge(

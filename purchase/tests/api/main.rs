@@ -15,6 +15,7 @@ use uuid::Uuid;
 mod catalog;
 mod fan_refunds;
 mod live;
+mod stripe;
 
 const ORGANIZER: &str = "organizer-token-for-reconcile";
 
