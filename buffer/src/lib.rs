@@ -22,7 +22,6 @@ use shared::redis::Redis;
 use shared::server::{Backends, RunningApp};
 use shared::token::{Signer, Verifier};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -104,7 +103,7 @@ pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Res
 /// `config.bind` picks a free port (tests).
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
     let state = connect(config, shutdown.clone()).await?;
-    let listener = TcpListener::bind(state.config.bind).await?;
+    let listener = shared::server::bind(state.config.bind, state.config.common.reuse_port)?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "buffer service listening");
     running.spawn(draw::run_scheduler(state.clone(), shutdown.clone()));

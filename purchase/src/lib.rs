@@ -28,7 +28,6 @@ use shared::auth::RoleToken;
 use shared::redis::Redis;
 use shared::server::{Backends, RunningApp};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -107,7 +106,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         redis,
         passes,
     };
-    let listener = TcpListener::bind(state.config.bind).await?;
+    let listener = shared::server::bind(state.config.bind, state.config.common.reuse_port)?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "purchase service listening");
     running.spawn(reconcile::run(state.clone(), shutdown.clone()));

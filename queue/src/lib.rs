@@ -22,7 +22,6 @@ use shared::redis::Redis;
 use shared::server::{Backends, RunningApp};
 use shared::token::{Signer, Verifier};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -69,7 +68,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         redis,
         shutdown: shutdown.clone(),
     };
-    let listener = TcpListener::bind(state.config.bind).await?;
+    let listener = shared::server::bind(state.config.bind, state.config.common.reuse_port)?;
     let mut running = RunningApp::start(listener, app(state.clone()), shutdown.clone());
     tracing::info!(addr = %running.addr, "queue service listening");
     running.spawn(

@@ -28,6 +28,11 @@ pub struct CommonConfig {
     #[arg(long, env = "FAIRGATE_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
+    /// Bind with SO_REUSEPORT, so several instances share one port and the kernel spreads
+    /// connections over them (past one process's open-files limit, e.g. 200,000 websockets).
+    #[arg(long, env = "FAIRGATE_REUSE_PORT", default_value_t = false)]
+    pub reuse_port: bool,
+
     /// Apply pending migrations from `migrations/` at start.
     #[arg(long, env = "FAIRGATE_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,

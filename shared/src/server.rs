@@ -175,6 +175,21 @@ pub fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// A started service: its address, the token that stops it, and its tasks.
+/// Listens on `addr`; with `reuse_port`, other processes may listen on the same port too.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 pub struct RunningApp {
     pub addr: SocketAddr,
     pub shutdown: CancellationToken,

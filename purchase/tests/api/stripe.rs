@@ -291,7 +291,10 @@ async fn the_stripe_provider_charges_declines_refunds_and_checks_webhooks() {
         .await
         .expect("refund");
     assert_eq!(refunded.status(), 200);
-    assert_eq!(fake.lock().expect("books").refunded, vec![reference.clone()]);
+    assert_eq!(
+        fake.lock().expect("books").refunded,
+        vec![reference.clone()]
+    );
     provider
         .refund(&reference)
         .await
