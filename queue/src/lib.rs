@@ -13,6 +13,7 @@ pub mod hub;
 pub mod leave;
 pub mod operator;
 pub mod pass;
+pub mod positions;
 pub mod ws;
 
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub struct AppState {
     pub hub: hub::Hub,
     pub shutdown: CancellationToken,
     pub operators: shared::auth::NamedTokens,
+    pub positions: positions::Positions,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -58,7 +60,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let Backends { pg, redis, .. } = Backends::connect("queue", &config.common).await?;
     let signer = config.signing.signer(&config.common.issuer)?;
     let hub = hub::Hub::new(redis.clone(), pg.clone());
+    let (positions, position_lookups) = positions::Positions::new(redis.clone(), shutdown.clone());
     let state = AppState {
+        positions,
         operators: shared::auth::NamedTokens::parse("operator", config.operator_tokens.as_deref())?,
         verifier: signer.verifier(),
         signer,
@@ -75,6 +79,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         hub.clone()
             .run_subscriber(state.config.common.clone(), shutdown.clone()),
     );
+    running.spawn(position_lookups);
     running.spawn(hub.run_refresher(state.config.refresh_ms, shutdown.clone()));
     running.spawn(admission::run(state, shutdown));
     Ok(running)

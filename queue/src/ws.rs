@@ -157,7 +157,7 @@ async fn wait(
             let snapshot = queue.borrow_and_update().clone();
             if position.is_none() && snapshot.drawn {
                 // Once per socket, when the draw has placed the fan (or at connect).
-                position = pass::position_of(&state, event.event_id(), ticket.tkt).await?;
+                position = state.positions.of(event.event_id(), ticket.tkt).await?;
             }
             let admitted = position.is_some_and(|p| p.get() <= snapshot.head);
             if snapshot.sold_out && !admitted {

@@ -133,3 +133,54 @@ async fn only_the_lease_holder_admits_and_a_replayed_tick_admits_nobody_twice() 
     redis.quit().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_position_lookups_takes_a_few_redis_calls_not_one_each() {
+    let env = TestEnv::new().await;
+    let redis = redis(&env.common_config()).await;
+    let event = EventId::new(9).expect("id");
+    let tickets: Vec<shared::ids::TicketId> = (0..1_000)
+        .map(|_| shared::ids::TicketId::random())
+        .collect();
+    let members: Vec<(f64, String)> = tickets
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 != 0)
+        .map(|(i, t)| ((i + 1) as f64, t.to_string()))
+        .collect();
+    let _: i64 = redis
+        .client()
+        .zadd(redis.keys(event).queue(), None, None, false, false, members)
+        .await
+        .expect("zadd");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (positions, task) = queue::positions::Positions::new(redis.clone(), shutdown.clone());
+    tokio::spawn(task);
+
+    // A thousand waiters learn their place at once, as at the draw.
+    let found = futures::future::join_all(tickets.iter().map(|t| positions.of(event, *t))).await;
+    for (i, position) in found.into_iter().enumerate() {
+        let expected = (i % 10 != 0).then_some((i + 1) as i64);
+        assert_eq!(
+            position.expect("lookup").map(|p| p.get()),
+            expected,
+            "waiter {i}"
+        );
+    }
+    let batches = positions.batches();
+    assert!(
+        (1..=50).contains(&batches),
+        "{batches} Redis calls for 1,000 lookups"
+    );
+    // One alone still works.
+    assert_eq!(
+        positions
+            .of(event, tickets[1])
+            .await
+            .expect("lookup")
+            .map(|p| p.get()),
+        Some(2)
+    );
+    shutdown.cancel();
+    env.cleanup().await;
+}
