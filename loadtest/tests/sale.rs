@@ -48,6 +48,7 @@ impl Stack {
         queue_config.admission_tick_ms = 50;
         queue_config.refresh_ms = 200;
         queue_config.operator_tokens = Some(format!("alice:{OPERATOR}"));
+        queue_config.next_page_url = Some("http://shop.example/e/{event}/seats</script>".into());
         queue_config.common = env.common_config();
         let queue = queue::start(queue_config.clone(), shutdown.child_token())
             .await
@@ -222,6 +223,21 @@ async fn a_whole_sale_walks_from_join_to_order() {
     assert!(
         positions.iter().all(|p| (1..=5).contains(p)),
         "{positions:?}"
+    );
+
+    // The waiting page moves an admitted fan on to the configured next page (safely quoted).
+    let page = c
+        .http
+        .get(format!("{}/e/{event}", c.endpoints.queue))
+        .send()
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("html");
+    assert!(
+        page.contains(r#"const nextPage = "http://shop.example/e/{event}/seats\u003c/script>";"#),
+        "the next page is injected as a JS string"
     );
 
     // Claiming over HTTP (a fan who went offline) yields the very same pass, not a second one.

@@ -51,6 +51,12 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_OPERATOR_TOKENS", hide_env_values = true)]
     pub operator_tokens: Option<String>,
 
+    /// Where the waiting page sends an admitted fan (e.g. the seat page), `{event}` replaced by
+    /// the event id; the pass follows in the URL's fragment (`#pass=…`). Unset: the page shows
+    /// the pass.
+    #[arg(long, env = "FAIRGATE_NEXT_PAGE_URL")]
+    pub next_page_url: Option<String>,
+
     #[command(flatten)]
     pub common: CommonConfig,
 }

@@ -36,10 +36,20 @@ pub fn router() -> Router<AppState> {
         .route("/e/{id}", get(waiting_page))
 }
 
-/// The waiting page: plain HTML, CSS and JS in one file, no external assets.
-async fn waiting_page(Path(id): Path<i64>) -> Result<Html<&'static str>, ApiError> {
+/// The waiting page: plain HTML, CSS and JS in one file, no external assets. With
+/// `FAIRGATE_NEXT_PAGE_URL` set, an admitted fan is moved on to it, the pass in the URL's
+/// fragment (never sent to a server, so never in a log).
+async fn waiting_page(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<Html<String>, ApiError> {
     EventId::from_path(id)?;
-    Ok(Html(include_str!("waiting.html")))
+    let next = serde_json::to_string(&state.config.next_page_url)
+        .map_err(ApiError::internal)?
+        .replace('<', "\\u003c");
+    Ok(Html(
+        include_str!("waiting.html").replace("\"__NEXT_PAGE_URL__\"", &next),
+    ))
 }
 
 #[derive(Deserialize)]
