@@ -740,4 +740,121 @@ mod tests {
             "receipt_missing"
         );
     }
+
+    /// A JWS with any header and payload, signed (Ed25519) by `signer`'s key, or unsigned.
+    fn forge(
+        header: serde_json::Value,
+        payload: &serde_json::Value,
+        by: Option<&Signer>,
+    ) -> String {
+        let mut token = URL_SAFE_NO_PAD.encode(header.to_string());
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(payload.to_string()));
+        let signature = by
+            .map(|s| s.key.pair.sign(token.as_bytes()).as_ref().to_vec())
+            .unwrap_or_default();
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(signature));
+        token
+    }
+
+    fn pass_header(signer: &Signer) -> serde_json::Value {
+        serde_json::json!({ "alg": "EdDSA", "typ": TokenKind::Pass.typ(), "kid": signer.kid() })
+    }
+
+    #[test]
+    fn pass_attacks_are_all_refused() {
+        let signer = signer();
+        let verifier = signer.verifier();
+        let evt = EventId::new(1).expect("positive");
+        let claims = serde_json::to_value(pass(&signer, 1, 600)).expect("json");
+        let honest = forge(pass_header(&signer), &claims, Some(&signer));
+        assert!(
+            verifier.verify_pass(&honest, evt).is_ok(),
+            "the forge helper is faithful"
+        );
+
+        // alg: none, with and without a signature.
+        let mut none = pass_header(&signer);
+        none["alg"] = "none".into();
+        for by in [None, Some(&signer)] {
+            assert!(verifier
+                .verify_pass(&forge(none.clone(), &claims, by), evt)
+                .is_err());
+        }
+        // The wrong typ, or none at all.
+        for typ in [
+            serde_json::json!("JWT"),
+            serde_json::json!(TokenKind::Ticket.typ()),
+            serde_json::Value::Null,
+        ] {
+            let mut header = pass_header(&signer);
+            header["typ"] = typ.clone();
+            assert_eq!(
+                verifier.verify_pass(&forge(header, &claims, Some(&signer)), evt),
+                Err(TokenError::WrongType),
+                "typ {typ}"
+            );
+        }
+        // Injected or unknown kids: the key is chosen from our own set only.
+        for kid in [
+            serde_json::json!("../../../../dev/null"),
+            serde_json::json!("' OR '1'='1"),
+            serde_json::json!(""),
+            serde_json::json!(42),
+            serde_json::Value::Null,
+        ] {
+            let mut header = pass_header(&signer);
+            header["kid"] = kid.clone();
+            assert!(
+                verifier
+                    .verify_pass(&forge(header, &claims, Some(&signer)), evt)
+                    .is_err(),
+                "kid {kid}"
+            );
+        }
+        // Our kid, a stranger's signature.
+        let stranger = self::signer();
+        assert_eq!(
+            verifier.verify_pass(&forge(pass_header(&signer), &claims, Some(&stranger)), evt),
+            Err(TokenError::BadSignature)
+        );
+        // Each claim missing, then each of the wrong type.
+        let names = [
+            "iss", "aud", "sub", "evt", "tkt", "jti", "iat", "nbf", "exp", "lim",
+        ];
+        for name in names {
+            let mut missing = claims.clone();
+            missing.as_object_mut().expect("object").remove(name);
+            assert!(
+                verifier
+                    .verify_pass(&forge(pass_header(&signer), &missing, Some(&signer)), evt)
+                    .is_err(),
+                "without {name}"
+            );
+            let mut mistyped = claims.clone();
+            mistyped[name] = match &claims[name] {
+                serde_json::Value::String(_) => serde_json::json!(7),
+                _ => serde_json::json!("7"),
+            };
+            assert!(
+                verifier
+                    .verify_pass(&forge(pass_header(&signer), &mistyped, Some(&signer)), evt)
+                    .is_err(),
+                "{name} of the wrong type"
+            );
+        }
+        // Not valid yet (beyond the leeway), and a negative seat limit.
+        let mut early = claims.clone();
+        early["nbf"] = (chrono::Utc::now().timestamp() + 60).into();
+        assert_eq!(
+            verifier.verify_pass(&forge(pass_header(&signer), &early, Some(&signer)), evt),
+            Err(TokenError::NotYetValid)
+        );
+        let mut negative = claims.clone();
+        negative["lim"] = (-1).into();
+        assert!(verifier
+            .verify_pass(&forge(pass_header(&signer), &negative, Some(&signer)), evt)
+            .is_err());
+    }
 }
