@@ -73,7 +73,7 @@ fg_say "running a demo sale: ${DEMO_FANS:-300} fans, ${DEMO_SEATS:-200} seats"
 target/release/crowd \
   --fans "${DEMO_FANS:-300}" --seats "${DEMO_SEATS:-200}" --presale-secs "${DEMO_PRESALE_SECS:-8}" \
   --buffer-url "http://$BUFFER_BIND" --queue-url "http://$QUEUE_BIND" --purchase-url "http://$PURCHASE_BIND" \
-  --json "$FG_DATA/demo-report.json" --spectator
+  --json "$FG_DATA/demo-report.json" --html "$FG_DATA/demo-report.html" --spectator
 
 cat <<MSG
 
@@ -81,7 +81,7 @@ The services are running:
   buffer    http://$BUFFER_BIND    (join, draw: /api/v1/events/{id}/draw)
   queue     http://$QUEUE_BIND     (waiting page /e/{id}, websocket, passes, JWKS)
   purchase  http://$PURCHASE_BIND  (events, seats, holds, checkout)
-  logs      $FG_DATA/logs/   report  $FG_DATA/demo-report.json
+  logs      $FG_DATA/logs/   report  $FG_DATA/demo-report.json, $FG_DATA/demo-report.html
 MSG
 if [ "$EXIT_AFTER_SALE" = 1 ]; then exit 0; fi
 fg_say "press Ctrl-C to stop everything this demo started"

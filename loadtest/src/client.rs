@@ -260,6 +260,21 @@ impl Client {
         .await
     }
 
+    /// Gives up the ticket's place in the line.
+    pub async fn leave(&self, event: i64, ticket: &str) -> anyhow::Result<Value> {
+        decode(
+            self.http
+                .post(format!(
+                    "{}/api/v1/events/{event}/leave",
+                    self.endpoints.queue
+                ))
+                .json(&json!({ "ticket": ticket }))
+                .send()
+                .await?,
+        )
+        .await
+    }
+
     /// The published draw, its order gathered from every page.
     pub async fn draw(&self, event: i64) -> anyhow::Result<Value> {
         let mut draw = self.draw_page(event, 0).await?;
@@ -291,7 +306,8 @@ impl Client {
         .await
     }
 
-    /// Waits on the waiting-room websocket until the pass arrives (or `limit` passes).
+    /// Waits on the waiting-room websocket until the pass arrives, [`SoldOut`] comes, or `limit`
+    /// passes.
     pub async fn wait_for_pass(
         &self,
         event: i64,
@@ -328,6 +344,7 @@ impl Client {
                             }
                             wait.statuses.push(value);
                         }
+                        Some("sold_out") => return Err(SoldOut.into()),
                         _ => bail!("unexpected waiting-room message {value}"),
                     }
                 }
@@ -390,3 +407,8 @@ impl Client {
         .await
     }
 }
+
+/// The waiting room said every seat is sold: the fan's wait ends without a pass.
+#[derive(Debug, thiserror::Error)]
+#[error("sold out while waiting")]
+pub struct SoldOut;

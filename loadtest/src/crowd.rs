@@ -30,6 +30,15 @@ pub struct CrowdConfig {
     pub seats_per_fan: i64,
     /// Share of fans whose card is declined.
     pub decline_share: f64,
+    /// Share of fans who arrive after the draw (over the following `late_secs`), to join the
+    /// back of the line in arrival order.
+    pub late_share: f64,
+    pub late_secs: u64,
+    /// Share of fans who leave the line right after joining.
+    pub leave_share: f64,
+    /// Share of misbehaving fans: they join again with their ticket at once (must get the same
+    /// place) and try a forged pass (must be refused).
+    pub misbehave_share: f64,
     /// Give up on a fan still waiting after this long.
     pub fan_timeout: Duration,
     pub progress: bool,
@@ -65,12 +74,40 @@ pub struct Report {
     /// Spearman correlation of presale arrival order with queue position (≈ 0 when fair).
     pub spearman_presale: Option<f64>,
     pub draw_verified: bool,
+    /// Fans who joined after the draw (checked for arrival order).
+    pub live_arrivals: usize,
+    /// Fans who left the line on purpose, and misbehaving fans.
+    pub left: usize,
+    pub misbehaving: usize,
+    /// Per second since the start: fans waiting in line, and fans admitted in that second.
+    pub timeline: Timeline,
     pub invariants: BTreeMap<String, bool>,
     pub ok: bool,
 }
 
+/// What the HTML report charts, per second since the crowd started.
+#[derive(Debug, Serialize, Clone, Default)]
+pub struct Timeline {
+    pub queue_length: Vec<(u32, usize)>,
+    pub admissions_per_second: Vec<(u32, usize)>,
+    /// (seconds since start, latency in ms) of every join, hold and checkout.
+    pub join_ms: Vec<(f32, f32)>,
+    pub hold_ms: Vec<(f32, f32)>,
+    pub checkout_ms: Vec<(f32, f32)>,
+}
+
 #[derive(Debug, Default)]
 struct FanResult {
+    /// When the join was sent and answered, since the crowd started.
+    join_sent: Option<Duration>,
+    join_answered: Option<Duration>,
+    admitted_after: Option<Duration>,
+    hold_done: Option<Duration>,
+    checkout_done: Option<Duration>,
+    left: bool,
+    misbehaving: bool,
+    /// A misbehaving fan got something it must not have (a second place, a forged pass taken).
+    got_through: bool,
     joined_at: Option<DateTime<Utc>>,
     position: Option<i64>,
     presale: bool,
@@ -120,12 +157,30 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
         let client = client.clone();
         let config = config.clone();
         let bar = bar.clone();
-        let delay = arrival_window.mul_f64(rand::rng().random::<f64>());
-        let declines = (i as f64) < config.decline_share * config.fans as f64;
+        let late = i % 100 < (config.late_share * 100.0) as usize;
+        let delay = if late {
+            Duration::from_secs(config.presale_secs)
+                + Duration::from_millis(500)
+                + Duration::from_secs(config.late_secs).mul_f64(rand::rng().random::<f64>())
+        } else {
+            arrival_window.mul_f64(rand::rng().random::<f64>())
+        };
+        let share = |s: f64| (s * config.fans as f64) as usize;
+        let declines = i < share(config.decline_share);
+        let leaves = (config.fans - i) <= share(config.leave_share);
+        let misbehaves = !leaves
+            && !declines
+            && i >= share(config.decline_share)
+            && i < share(config.decline_share) + share(config.misbehave_share);
+        let kind = Kind {
+            declines,
+            leaves,
+            misbehaves,
+        };
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             let mut result = FanResult::default();
-            if let Err(e) = fan(&client, &config, event, declines, &mut result).await {
+            if let Err(e) = fan(&client, &config, event, kind, started, &mut result).await {
                 result.error = Some(format!("{e:#}"));
             }
             bar.inc(1);
@@ -141,25 +196,80 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
     report(&client, &config, event, results, wall_secs).await
 }
 
+/// How a simulated fan behaves.
+#[derive(Clone, Copy, Debug)]
+struct Kind {
+    declines: bool,
+    leaves: bool,
+    misbehaves: bool,
+}
+
 async fn fan(
     client: &Client,
     config: &CrowdConfig,
     event: i64,
-    declines: bool,
+    kind: Kind,
+    started: Instant,
     result: &mut FanResult,
 ) -> anyhow::Result<()> {
+    let declines = kind.declines;
     let t = Instant::now();
+    result.join_sent = Some(started.elapsed());
     let joined = client.join(event, None).await?;
+    result.join_answered = Some(started.elapsed());
     result.join_ms = Some(ms(t));
     result.joined_at = Some(joined.joined_at);
     result.presale = joined.status == "buffered";
+    result.position = joined.position;
+    if kind.leaves {
+        client.leave(event, &joined.ticket).await?;
+        result.left = true;
+        return Ok(());
+    }
+    if kind.misbehaves {
+        // A second and third tab at once: the same place, never another.
+        result.misbehaving = true;
+        let (a, b) = tokio::join!(
+            client.join(event, Some(&joined.ticket)),
+            client.join(event, Some(&joined.ticket))
+        );
+        for again in [a?, b?] {
+            if again.ticket_id != joined.ticket_id || again.position != joined.position {
+                result.got_through = true;
+            }
+        }
+    }
     let t = Instant::now();
-    let (pass, wait) = client
+    let (pass, wait) = match client
         .wait_for_pass(event, &joined.ticket, config.fan_timeout)
-        .await?;
+        .await
+    {
+        Ok(admitted) => admitted,
+        Err(e) if e.downcast_ref::<crate::client::SoldOut>().is_some() => {
+            result.sold_out = true;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
     result.wait_ms = Some(ms(t));
     result.admitted_at = Some(Instant::now());
+    result.admitted_after = Some(started.elapsed());
     result.position = wait.first_position.or(joined.position);
+    if kind.misbehaves {
+        // An edited pass (one character of the signature changed) must be refused.
+        let mut forged = pass.pass.clone();
+        let at = forged.len().saturating_sub(10);
+        let flipped = if forged[at..].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
+        forged.replace_range(at..at + 1, flipped);
+        match client.seats(event, &forged).await {
+            Err(e) if refused(&e).is_some_and(|r| r.status == 401) => {}
+            _ => result.got_through = true,
+        }
+    }
 
     let wanted = rand::rng().random_range(1..=config.seats_per_fan.max(1)) as usize;
     let mut hold = None;
@@ -182,6 +292,7 @@ async fn fan(
         match client.hold(event, &pass.pass, &pick).await {
             Ok(h) => {
                 result.hold_ms = Some(ms(t));
+                result.hold_done = Some(started.elapsed());
                 hold = Some(h);
                 break;
             }
@@ -206,6 +317,7 @@ async fn fan(
     {
         Ok(order) => {
             result.checkout_ms = Some(ms(t));
+            result.checkout_done = Some(started.elapsed());
             result.bought_seats = order.tickets.len();
         }
         Err(e) if refused(&e).is_some_and(|r| r.status == 402) => result.declined = true,
@@ -295,6 +407,14 @@ async fn report(
         ),
     };
     invariants.insert("draw_verified".into(), draw_verified);
+    invariants.insert(
+        "post_draw_arrivals_in_arrival_order".into(),
+        live_arrivals_in_order(&results),
+    );
+    invariants.insert(
+        "no_misbehaving_client_got_through".into(),
+        !results.iter().any(|r| r.got_through),
+    );
     let ok = invariants.values().all(|v| *v);
     let errors: Vec<&String> = results.iter().filter_map(|r| r.error.as_ref()).collect();
     Ok(Report {
@@ -315,9 +435,85 @@ async fn report(
         latency_ms: latency,
         spearman_presale,
         draw_verified,
+        live_arrivals: results
+            .iter()
+            .filter(|r| r.join_ms.is_some() && !r.presale)
+            .count(),
+        left: results.iter().filter(|r| r.left).count(),
+        misbehaving: results.iter().filter(|r| r.misbehaving).count(),
+        timeline: timeline(&results),
         invariants,
         ok,
     })
+}
+
+/// Fans who joined after the draw are placed in arrival order: whenever one fan's join was
+/// answered before another's was sent, the first has the lower position. (Joins in flight at
+/// the same moment have no order between them to keep.)
+fn live_arrivals_in_order(results: &[FanResult]) -> bool {
+    let mut live: Vec<(Duration, Duration, i64)> = results
+        .iter()
+        .filter(|r| !r.presale && !r.left)
+        .filter_map(|r| Some((r.join_sent?, r.join_answered?, r.position?)))
+        .collect();
+    let mut by_answer = live.clone();
+    by_answer.sort_by_key(|(_, answered, _)| *answered);
+    live.sort_by_key(|(sent, _, _)| *sent);
+    let mut highest_before = i64::MIN;
+    let mut next = 0;
+    for (sent, _, position) in live {
+        while next < by_answer.len() && by_answer[next].1 < sent {
+            highest_before = highest_before.max(by_answer[next].2);
+            next += 1;
+        }
+        if highest_before >= position {
+            return false;
+        }
+    }
+    true
+}
+
+fn timeline(results: &[FanResult]) -> Timeline {
+    let last = results
+        .iter()
+        .flat_map(|r| [r.join_answered, r.admitted_after])
+        .flatten()
+        .max()
+        .map_or(0, |d| d.as_secs() as usize);
+    let mut joined = vec![0usize; last + 2];
+    let mut admitted = vec![0usize; last + 2];
+    for r in results {
+        if let Some(t) = r.join_answered {
+            joined[t.as_secs() as usize] += 1;
+        }
+        if let Some(t) = r.admitted_after {
+            admitted[t.as_secs() as usize] += 1;
+        }
+    }
+    let mut waiting = 0usize;
+    let mut queue_length = Vec::new();
+    for second in 0..joined.len() {
+        waiting = (waiting + joined[second]).saturating_sub(admitted[second]);
+        queue_length.push((second as u32, waiting));
+    }
+    let series = |pick: fn(&FanResult) -> Option<(Duration, f64)>| -> Vec<(f32, f32)> {
+        results
+            .iter()
+            .filter_map(pick)
+            .map(|(t, ms)| (t.as_secs_f32(), ms as f32))
+            .collect()
+    };
+    Timeline {
+        queue_length,
+        admissions_per_second: admitted
+            .iter()
+            .enumerate()
+            .map(|(s, n)| (s as u32, *n))
+            .collect(),
+        join_ms: series(|r| Some((r.join_answered?, r.join_ms?))),
+        hold_ms: series(|r| Some((r.hold_done?, r.hold_ms?))),
+        checkout_ms: series(|r| Some((r.checkout_done?, r.checkout_ms?))),
+    }
 }
 
 /// Recomputes the published draw from its seed and entrants and compares it with the
@@ -325,4 +521,33 @@ async fn report(
 pub async fn verify_draw(client: &Client, event: i64) -> anyhow::Result<bool> {
     let published = crate::verify::fetch(client, event).await?;
     Ok(published.verdict() == shared::draw::Verdict::Match)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(sent_ms: u64, answered_ms: u64, position: i64) -> FanResult {
+        FanResult {
+            join_sent: Some(Duration::from_millis(sent_ms)),
+            join_answered: Some(Duration::from_millis(answered_ms)),
+            position: Some(position),
+            ..FanResult::default()
+        }
+    }
+
+    #[test]
+    fn arrival_order_is_checked_between_joins_that_did_not_overlap() {
+        // 1 then 2 then 3, one after the other.
+        assert!(live_arrivals_in_order(&[
+            live(0, 5, 11),
+            live(6, 9, 12),
+            live(10, 12, 13)
+        ]));
+        // Overlapping joins may be placed either way.
+        assert!(live_arrivals_in_order(&[live(0, 10, 12), live(2, 8, 11)]));
+        // A fan who asked after another was answered must not be placed ahead of them.
+        assert!(!live_arrivals_in_order(&[live(0, 5, 12), live(6, 9, 11)]));
+        assert!(!live_arrivals_in_order(&[live(0, 5, 11), live(6, 9, 11)]));
+    }
 }

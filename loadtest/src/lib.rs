@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod client;
 pub mod crowd;
+pub mod html;
 pub mod invariants;
 pub mod verify;

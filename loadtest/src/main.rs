@@ -33,6 +33,20 @@ struct Args {
     /// Share of fans whose card is declined (0.0–1.0).
     #[arg(long, default_value_t = 0.05)]
     decline_share: f64,
+    /// Share of fans who arrive after the draw, spread over `--late-secs` (0.0–1.0): they join
+    /// the back of the line, and the report checks they were placed in arrival order.
+    #[arg(long, default_value_t = 0.1)]
+    late_share: f64,
+    /// Seconds after the draw over which late fans arrive.
+    #[arg(long, default_value_t = 4)]
+    late_secs: u64,
+    /// Share of fans who leave the line right after joining (0.0–1.0).
+    #[arg(long, default_value_t = 0.02)]
+    leave_share: f64,
+    /// Share of misbehaving fans (0.0–1.0): each joins again from two more tabs at once (must
+    /// get the same place) and presents a forged pass (must be refused).
+    #[arg(long, default_value_t = 0.05)]
+    misbehave_share: f64,
     /// Give up on a fan that has not finished after this many seconds.
     #[arg(long, default_value_t = 300)]
     fan_timeout_secs: u64,
@@ -66,6 +80,10 @@ struct Args {
     /// Write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write a self-contained HTML report with charts (queue length, admissions per second,
+    /// latencies over time) to this file.
+    #[arg(long)]
+    html: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -101,6 +119,10 @@ async fn main() -> anyhow::Result<()> {
         max_active: args.max_active.unwrap_or(args.fans as i64 + 1),
         seats_per_fan: args.seats_per_fan.clamp(1, 20),
         decline_share: args.decline_share.clamp(0.0, 1.0),
+        late_share: args.late_share.clamp(0.0, 1.0),
+        late_secs: args.late_secs,
+        leave_share: args.leave_share.clamp(0.0, 1.0),
+        misbehave_share: args.misbehave_share.clamp(0.0, 1.0),
         fan_timeout: Duration::from_secs(args.fan_timeout_secs),
         progress: !args.quiet,
     };
@@ -119,6 +141,10 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
         println!("figures written to {}", path.display());
     }
+    if let Some(path) = &args.html {
+        std::fs::write(path, fairgate_loadtest::html::render(&report)?)?;
+        println!("report written to {}", path.display());
+    }
     if !report.ok {
         anyhow::bail!("an invariant failed: see the report above");
     }
@@ -132,6 +158,10 @@ fn print_summary(r: &crowd::Report) {
         r.fans, r.joined, r.admitted, r.bought, r.declined, r.sold_out, r.errors
     );
     println!("seats {}  sold {}", r.seats, r.seats_sold);
+    println!(
+        "joined after the draw {}  left the line {}  misbehaving {}",
+        r.live_arrivals, r.left, r.misbehaving
+    );
     println!(
         "admission rate: configured {}/min, achieved {:.0}/min",
         r.configured_rate_per_minute, r.achieved_rate_per_minute

@@ -1527,3 +1527,64 @@ async fn a_sale_survives_losing_its_redis_state() {
     pg.close().await;
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_crowd_buys_through_the_real_services_and_every_invariant_holds() {
+    let stack = Stack::start().await;
+    let config = fairgate_loadtest::crowd::CrowdConfig {
+        endpoints: stack.client.endpoints.clone(),
+        organizer_token: ORGANIZER.into(),
+        database_url: Some(stack.env.database_url.clone()),
+        fans: 80,
+        seats: 60,
+        presale_secs: 3,
+        rate_per_minute: 1_200,
+        max_active: 30,
+        seats_per_fan: 2,
+        decline_share: 0.05,
+        late_share: 0.2,
+        late_secs: 2,
+        leave_share: 0.05,
+        misbehave_share: 0.1,
+        fan_timeout: Duration::from_secs(60),
+        progress: false,
+    };
+    let report = fairgate_loadtest::crowd::run(config)
+        .await
+        .expect("the crowd runs");
+    assert!(report.ok, "{:?}", report.invariants);
+    for name in [
+        "no_seat_sold_twice",
+        "no_fan_charged_twice",
+        "no_identity_queued_twice",
+        "no_misbehaving_client_got_through",
+        "post_draw_arrivals_in_arrival_order",
+        "draw_verified",
+    ] {
+        assert_eq!(report.invariants.get(name), Some(&true), "{name}");
+    }
+    assert_eq!(report.errors, 0, "{:?}", report.error_samples);
+    assert!(report.live_arrivals > 0 && report.misbehaving > 0 && report.left > 0);
+    assert!(report.seats_sold > 0 && report.seats_sold <= 60);
+    let json = serde_json::to_value(&report).expect("json");
+    for field in [
+        "fans",
+        "seats",
+        "seats_sold",
+        "admitted",
+        "latency_ms",
+        "spearman_presale",
+        "invariants",
+        "ok",
+    ] {
+        assert!(json.get(field).is_some(), "the JSON names {field}");
+    }
+    assert!(json["latency_ms"]["join"]["p99"].is_number());
+    let html = fairgate_loadtest::html::render(&report).expect("html");
+    assert_eq!(html.matches("<svg").count(), 3, "three charts");
+    assert!(
+        !html.contains("http://") || !html.contains("<script"),
+        "no external assets"
+    );
+    stack.stop().await;
+}
