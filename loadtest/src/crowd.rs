@@ -3,6 +3,8 @@
 //! check the invariants in Postgres and report latencies, fairness and outcomes.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -142,14 +144,22 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
     let bar = if config.progress {
         let bar = ProgressBar::new(config.fans as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:40}] {pos}/{len} fans done {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} done · {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     } else {
         ProgressBar::hidden()
+    };
+    let progress = Arc::new(Progress::default());
+    let ticker = {
+        let (bar, progress, seats) = (bar.clone(), progress.clone(), config.seats);
+        tokio::spawn(async move {
+            loop {
+                bar.set_message(progress.line(seats));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
     };
     let arrival_window = Duration::from_millis(config.presale_secs * 800);
     let mut tasks = tokio::task::JoinSet::new();
@@ -157,6 +167,7 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
         let client = client.clone();
         let config = config.clone();
         let bar = bar.clone();
+        let progress = progress.clone();
         let late = i % 100 < (config.late_share * 100.0) as usize;
         let delay = if late {
             Duration::from_secs(config.presale_secs)
@@ -180,7 +191,18 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             let mut result = FanResult::default();
-            if let Err(e) = fan(&client, &config, event, kind, started, &mut result).await {
+            let outcome = fan(
+                &client,
+                &config,
+                event,
+                kind,
+                started,
+                &progress,
+                &mut result,
+            )
+            .await;
+            progress.finish(&result, outcome.is_err());
+            if let Err(e) = outcome {
                 result.error = Some(format!("{e:#}"));
             }
             bar.inc(1);
@@ -191,9 +213,47 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
     while let Some(r) = tasks.join_next().await {
         results.push(r?);
     }
+    ticker.abort();
     bar.finish_and_clear();
     let wall_secs = started.elapsed().as_secs_f64();
     report(&client, &config, event, results, wall_secs).await
+}
+
+/// Live counts for the progress bar.
+#[derive(Default)]
+struct Progress {
+    waiting: AtomicI64,
+    buying: AtomicI64,
+    seats_sold: AtomicI64,
+    errors: AtomicI64,
+}
+
+impl Progress {
+    fn line(&self, seats: i64) -> String {
+        format!(
+            "waiting {} · buying {} · seats left {} · errors {}",
+            self.waiting.load(Ordering::Relaxed),
+            self.buying.load(Ordering::Relaxed),
+            seats - self.seats_sold.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed)
+        )
+    }
+
+    /// A fan's wait or purchase ended (however it ended).
+    fn finish(&self, result: &FanResult, failed: bool) {
+        let (waited, admitted) = (result.join_ms.is_some(), result.admitted_after.is_some());
+        if waited && !admitted && !result.left {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        if admitted {
+            self.buying.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.seats_sold
+            .fetch_add(result.bought_seats as i64, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How a simulated fan behaves.
@@ -210,6 +270,7 @@ async fn fan(
     event: i64,
     kind: Kind,
     started: Instant,
+    progress: &Progress,
     result: &mut FanResult,
 ) -> anyhow::Result<()> {
     let declines = kind.declines;
@@ -222,10 +283,11 @@ async fn fan(
     result.presale = joined.status == "buffered";
     result.position = joined.position;
     if kind.leaves {
-        client.leave(event, &joined.ticket).await?;
         result.left = true;
+        client.leave(event, &joined.ticket).await?;
         return Ok(());
     }
+    progress.waiting.fetch_add(1, Ordering::Relaxed);
     if kind.misbehaves {
         // A second and third tab at once: the same place, never another.
         result.misbehaving = true;
@@ -254,6 +316,8 @@ async fn fan(
     result.wait_ms = Some(ms(t));
     result.admitted_at = Some(Instant::now());
     result.admitted_after = Some(started.elapsed());
+    progress.waiting.fetch_sub(1, Ordering::Relaxed);
+    progress.buying.fetch_add(1, Ordering::Relaxed);
     result.position = wait.first_position.or(joined.position);
     if kind.misbehaves {
         // An edited pass (one character of the signature changed) must be refused.
