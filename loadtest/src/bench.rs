@@ -45,3 +45,19 @@ pub fn free_port() -> anyhow::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Where the benchmarks find Postgres and Redis.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Backends {
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
+    )]
+    pub database_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+}

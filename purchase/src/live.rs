@@ -131,34 +131,13 @@ pub async fn run_seat_subscriber(
     config: CommonConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let subscriber = shared::redis::builder(&config.redis_url, config.redis_command_timeout())?
-        .build_subscriber_client()?;
-    subscriber.init().await?;
-    let _resubscribe = subscriber.manage_subscriptions();
-    let mut messages = subscriber.message_rx();
-    subscriber.subscribe(seats_channel(&state)).await?;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            message = messages.recv() => match message {
-                Ok(message) => {
-                    let change = message
-                        .value
-                        .as_str()
-                        .and_then(|raw| serde_json::from_str::<SeatChange>(&raw).ok());
-                    if let Some(change) = change {
-                        let _ = state.live.sender.send(Message::Seats(Arc::new(change)));
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "seat-change subscriber lagged");
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
+    let channel = seats_channel(&state);
+    shared::redis::subscribe(&config, channel, shutdown, |raw| {
+        if let Ok(change) = serde_json::from_str::<SeatChange>(raw) {
+            let _ = state.live.sender.send(Message::Seats(Arc::new(change)));
         }
-    }
-    let _ = subscriber.quit().await;
-    Ok(())
+    })
+    .await
 }
 
 /// Rows whose id is below every row committed more than this long ago are settled: no

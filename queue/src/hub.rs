@@ -185,36 +185,13 @@ impl Hub {
         config: CommonConfig,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let subscriber = shared::redis::builder(&config.redis_url, config.redis_command_timeout())?
-            .build_subscriber_client()?;
-        subscriber.init().await?;
-        let _resubscribe = subscriber.manage_subscriptions();
-        let mut messages = subscriber.message_rx();
-        subscriber
-            .subscribe(self.inner.redis.state_channel())
-            .await?;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                message = messages.recv() => match message {
-                    Ok(message) => {
-                        let parsed = message
-                            .value
-                            .as_str()
-                            .and_then(|raw| serde_json::from_str::<QueueState>(&raw).ok());
-                        if let Some(state) = parsed {
-                            self.apply(state);
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "queue-state subscriber lagged");
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                },
+        let channel = self.inner.redis.state_channel();
+        shared::redis::subscribe(&config, channel, shutdown, |raw| {
+            if let Ok(state) = serde_json::from_str::<QueueState>(raw) {
+                self.apply(state);
             }
-        }
-        let _ = subscriber.quit().await;
-        Ok(())
+        })
+        .await
     }
 
     /// Re-reads every watched event's state periodically and forgets events nobody watches.

@@ -86,6 +86,40 @@ impl Redis {
     }
 }
 
+/// Runs one subscription to `channel` for the whole process until `shutdown`, handing each
+/// message's text to `handle`. The subscription is renewed after a reconnect.
+pub async fn subscribe(
+    config: &crate::config::CommonConfig,
+    channel: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    mut handle: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let subscriber =
+        builder(&config.redis_url, config.redis_command_timeout())?.build_subscriber_client()?;
+    subscriber.init().await?;
+    let _resubscribe = subscriber.manage_subscriptions();
+    let mut messages = subscriber.message_rx();
+    subscriber.subscribe(channel.clone()).await?;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.recv() => match message {
+                Ok(message) => {
+                    if let Some(text) = message.value.as_str() {
+                        handle(&text);
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, %channel, "redis subscriber lagged");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    let _ = subscriber.quit().await;
+    Ok(())
+}
+
 /// A fred builder with fairgate's reconnect policy and timeouts.
 pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> {
     let config = Config::from_url(url)?;

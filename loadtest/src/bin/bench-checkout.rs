@@ -41,17 +41,8 @@ struct Args {
     /// pgbench clients.
     #[arg(long, default_value_t = 16)]
     pgbench_clients: usize,
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
-    )]
-    database_url: String,
-    /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
+    #[command(flatten)]
+    backends: fairgate_loadtest::bench::Backends,
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -63,7 +54,7 @@ const ORGANIZER: &str = "bench-checkout-organizer-token";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.seats >= 1000, "--seats must be at least 1000");
-    let pg = shared::db::connect_url(&args.database_url, 2).await?;
+    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
     shared::db::migrate(&pg).await?;
     let signer = Signer::new(SigningKey::generate()?, "fairgate");
     let jwks_url = serve_jwks(&signer).await?;
@@ -74,8 +65,8 @@ async fn main() -> anyhow::Result<()> {
     let _purchase = Guard(
         Command::new(&purchase_exe)
             .env("FAIRGATE_PURCHASE_BIND", &addr)
-            .env("DATABASE_URL", &args.database_url)
-            .env("REDIS_URL", &args.redis_url)
+            .env("DATABASE_URL", &args.backends.database_url)
+            .env("REDIS_URL", &args.backends.redis_url)
             .env(
                 "FAIRGATE_REDIS_PREFIX",
                 format!("bench:{}", Uuid::new_v4().simple()),
@@ -290,7 +281,7 @@ COMMIT;
         .args(["-T", &args.seconds.to_string()])
         .arg("-f")
         .arg(&script)
-        .arg(&args.database_url)
+        .arg(&args.backends.database_url)
         .output()
         .context("running pgbench (apt-get install postgresql-client)")?;
     let _ = std::fs::remove_file(&script);

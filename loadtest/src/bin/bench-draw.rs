@@ -23,17 +23,8 @@ struct Args {
     /// Fans in the buffer.
     #[arg(long, default_value_t = 1_000_000)]
     fans: u64,
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
-    )]
-    database_url: String,
-    /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
+    #[command(flatten)]
+    backends: fairgate_loadtest::bench::Backends,
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -46,8 +37,8 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
 
     let mut config = buffer::Config::parse_from(["buffer"]);
-    config.common.database_url = args.database_url.clone();
-    config.common.redis_url = args.redis_url.clone();
+    config.common.database_url = args.backends.database_url.clone();
+    config.common.redis_url = args.backends.redis_url.clone();
     config.common.redis_prefix = prefix.clone();
     config.signing.signing_key = Some(hex::encode(shared::token::random_seed()));
     let state = buffer::connect(config, tokio_util::sync::CancellationToken::new()).await?;
@@ -78,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The raw primitive, same run: N ZADDs through redis-cli --pipe.
     let pipe_key = format!("{prefix}:pipe");
-    let pipe_secs = redis_cli_pipe(&args.redis_url, &pipe_key, args.fans)?;
+    let pipe_secs = redis_cli_pipe(&args.backends.redis_url, &pipe_key, args.fans)?;
 
     let started = Instant::now();
     let drawn = buffer::draw::run_draw(&state, event_id)

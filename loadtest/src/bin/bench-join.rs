@@ -28,17 +28,8 @@ struct Args {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
-    /// Postgres URL (the buffer's database).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
-    )]
-    database_url: String,
-    /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
+    #[command(flatten)]
+    backends: fairgate_loadtest::bench::Backends,
     /// Port of the buffer process the bench starts.
     #[arg(long, default_value_t = 18081)]
     buffer_port: u16,
@@ -57,10 +48,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.serve_bare {
-        return serve_bare(addr, &args.redis_url).await;
+        return serve_bare(addr, &args.backends.redis_url).await;
     }
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
-    let pg = shared::db::connect_url(&args.database_url, 2).await?;
+    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
     shared::db::migrate(&pg).await?;
     let now = Utc::now();
     let event: i64 = sqlx::query_scalar(
@@ -75,13 +66,18 @@ async fn main() -> anyhow::Result<()> {
     .fetch_one(&pg)
     .await?;
 
-    let redis_rps = redis_benchmark_zadd(&args.redis_url, args.requests)?;
+    let redis_rps = redis_benchmark_zadd(&args.backends.redis_url, args.requests)?;
 
     let exe = std::env::current_exe()?;
     let bare_addr = format!("127.0.0.1:{}", args.bare_port);
     let bare = Guard(
         Command::new(&exe)
-            .args(["--serve-bare", &bare_addr, "--redis-url", &args.redis_url])
+            .args([
+                "--serve-bare",
+                &bare_addr,
+                "--redis-url",
+                &args.backends.redis_url,
+            ])
             .stdout(Stdio::null())
             .spawn()?,
     );
@@ -90,8 +86,8 @@ async fn main() -> anyhow::Result<()> {
     let buffer = Guard(
         Command::new(&buffer_exe)
             .env("FAIRGATE_BUFFER_BIND", &buffer_addr)
-            .env("DATABASE_URL", &args.database_url)
-            .env("REDIS_URL", &args.redis_url)
+            .env("DATABASE_URL", &args.backends.database_url)
+            .env("REDIS_URL", &args.backends.redis_url)
             .env("FAIRGATE_REDIS_PREFIX", &prefix)
             .env(
                 "FAIRGATE_SIGNING_KEY",
@@ -173,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         .bind(event)
         .execute(&pg)
         .await?;
-    let client = Builder::from_config(Config::from_url(&args.redis_url)?).build()?;
+    let client = Builder::from_config(Config::from_url(&args.backends.redis_url)?).build()?;
     client.init().await?;
     let _: i64 = client.del("bench:bare:counter").await?;
     anyhow::ensure!(

@@ -52,17 +52,8 @@ struct Args {
     /// Serving-head updates to time.
     #[arg(long, default_value_t = 5)]
     rounds: i64,
-    /// Postgres URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/fairgate"
-    )]
-    database_url: String,
-    /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    redis_url: String,
+    #[command(flatten)]
+    backends: fairgate_loadtest::bench::Backends,
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -466,7 +457,7 @@ where
 }
 
 async fn parent(args: Args) -> anyhow::Result<()> {
-    let pg = shared::db::connect_url(&args.database_url, 2).await?;
+    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
     shared::db::migrate(&pg).await?;
     let now = Utc::now();
     let event: i64 = sqlx::query_scalar(
@@ -491,7 +482,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
         let parsed = Common::try_parse_from([
             "bench-ws",
             "--redis-url",
-            &args.redis_url,
+            &args.backends.redis_url,
             "--redis-prefix",
             &prefix,
         ])?;
@@ -539,8 +530,8 @@ async fn parent(args: Args) -> anyhow::Result<()> {
             Command::new(&queue_exe)
                 .env("FAIRGATE_QUEUE_BIND", format!("127.0.0.1:{port}"))
                 .env("FAIRGATE_REUSE_PORT", "true")
-                .env("DATABASE_URL", &args.database_url)
-                .env("REDIS_URL", &args.redis_url)
+                .env("DATABASE_URL", &args.backends.database_url)
+                .env("REDIS_URL", &args.backends.redis_url)
                 .env("FAIRGATE_REDIS_PREFIX", &prefix)
                 .env("FAIRGATE_SIGNING_KEY", &key)
                 .env("FAIRGATE_MAX_WEBSOCKETS", per_instance.to_string())

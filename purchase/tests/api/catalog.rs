@@ -322,15 +322,7 @@ async fn general_admission_by_quantity_never_oversells() {
         }
     };
     // The seat map lists seats, not the field's 25 places.
-    let seats: Vec<Value> = http
-        .get(format!("{url}/api/v1/events/{event}/seats"))
-        .bearer_auth(&probe)
-        .send()
-        .await
-        .expect("seats")
-        .json()
-        .await
-        .expect("json");
+    let seats: Vec<Value> = crate::seat_map(&http, &url, event, &probe).await;
     assert_eq!(seats.len(), 4);
     // Bad requests change nothing.
     let field_unit: i64 = sqlx::query_scalar(

@@ -34,15 +34,7 @@ async fn fans_refund_their_own_order_with_its_manage_token_within_the_rule() {
     let buy = |event: i64, key: &'static str| {
         let (http, url, fan) = (http.clone(), url.clone(), pass(&signer, event));
         async move {
-            let seats: Vec<Value> = http
-                .get(format!("{url}/api/v1/events/{event}/seats"))
-                .bearer_auth(&fan)
-                .send()
-                .await
-                .expect("seats")
-                .json()
-                .await
-                .expect("json");
+            let seats: Vec<Value> = crate::seat_map(&http, &url, event, &fan).await;
             let held: Value = http
                 .post(format!("{url}/api/v1/events/{event}/holds"))
                 .bearer_auth(&fan)

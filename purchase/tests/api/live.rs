@@ -149,15 +149,8 @@ async fn the_live_stream_pushes_seat_changes_to_all_and_notices_to_their_fan() {
         SseReader::new(SseReader::open(&http, &format!("{live}?pass={bob}"), None, None).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let seats: Vec<i64> = http
-        .get(format!("{url}/api/v1/events/{event}/seats"))
-        .bearer_auth(&bob)
-        .send()
+    let seats: Vec<i64> = crate::seat_map(&http, &url, event, &bob)
         .await
-        .expect("seats")
-        .json::<Vec<Value>>()
-        .await
-        .expect("json")
         .iter()
         .filter_map(|s| s["id"].as_i64())
         .collect();

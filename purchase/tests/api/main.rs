@@ -160,16 +160,20 @@ async fn create_event_with(http: &reqwest::Client, url: &str, rows: i32, per_row
     created["id"].as_i64().expect("event id")
 }
 
-async fn hold_one(http: &reqwest::Client, url: &str, event: i64, pass: &str) -> (i64, String) {
-    let seats: Vec<Value> = http
-        .get(format!("{url}/api/v1/events/{event}/seats"))
+/// The event's seat map as the pass holder sees it.
+async fn seat_map(http: &reqwest::Client, url: &str, event: i64, pass: &str) -> Vec<Value> {
+    http.get(format!("{url}/api/v1/events/{event}/seats"))
         .bearer_auth(pass)
         .send()
         .await
         .expect("seats")
         .json()
         .await
-        .expect("json");
+        .expect("json")
+}
+
+async fn hold_one(http: &reqwest::Client, url: &str, event: i64, pass: &str) -> (i64, String) {
+    let seats: Vec<Value> = crate::seat_map(http, url, event, pass).await;
     let free = seats
         .iter()
         .find(|s| s["status"] == "available")
@@ -360,15 +364,8 @@ async fn a_thousand_buyers_on_ten_seats_never_oversell() {
         .expect("client");
     let event = create_event_with(&http, &url, 1, 10).await;
     let probe = pass(&signer, event);
-    let seats: Vec<i64> = http
-        .get(format!("{url}/api/v1/events/{event}/seats"))
-        .bearer_auth(&probe)
-        .send()
+    let seats: Vec<i64> = crate::seat_map(&http, &url, event, &probe)
         .await
-        .expect("seats")
-        .json::<Vec<Value>>()
-        .await
-        .expect("json")
         .iter()
         .filter_map(|s| s["id"].as_i64())
         .collect();

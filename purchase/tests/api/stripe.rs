@@ -182,15 +182,7 @@ async fn the_stripe_provider_charges_declines_refunds_and_checks_webhooks() {
     let buy = |card: &'static str, key: &'static str| {
         let (http, url, fan) = (http.clone(), url.clone(), pass(&signer, event));
         async move {
-            let seats: Vec<Value> = http
-                .get(format!("{url}/api/v1/events/{event}/seats"))
-                .bearer_auth(&fan)
-                .send()
-                .await
-                .expect("seats")
-                .json()
-                .await
-                .expect("json");
+            let seats: Vec<Value> = crate::seat_map(&http, &url, event, &fan).await;
             let free = seats
                 .iter()
                 .find(|s| s["status"] == "available")
