@@ -37,6 +37,9 @@ QUEUE_BIND="${FAIRGATE_QUEUE_BIND:-127.0.0.1:8082}"
 PURCHASE_BIND="${FAIRGATE_PURCHASE_BIND:-127.0.0.1:8083}"
 export FAIRGATE_BUFFER_BIND="$BUFFER_BIND" FAIRGATE_QUEUE_BIND="$QUEUE_BIND" FAIRGATE_PURCHASE_BIND="$PURCHASE_BIND"
 export FAIRGATE_JWKS_URL="http://$QUEUE_BIND/.well-known/jwks.json"
+# The waiting page sends an admitted fan on to the purchase service's seat page.
+SEAT_PAGE="http://$PURCHASE_BIND/e/{event}/seats"
+export FAIRGATE_NEXT_PAGE_URL="${FAIRGATE_NEXT_PAGE_URL:-$SEAT_PAGE}"
 
 port_busy() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 http_status() { # GET a path over bash's /dev/tcp (no curl needed); prints the status code

@@ -131,11 +131,13 @@ async fn main() -> anyhow::Result<()> {
     print_summary(&report);
     if args.spectator {
         let client = fairgate_loadtest::client::Client::new(endpoints.clone())?;
-        let joined = client.join(report.event_id, None).await?;
-        println!(
-            "your own place in the line: {}/e/{}?ticket={}",
-            endpoints.queue, report.event_id, joined.ticket
-        );
+        match client.join(report.event_id, None).await {
+            Ok(joined) => println!(
+                "your own place in the line: {}/e/{}?ticket={}",
+                endpoints.queue, report.event_id, joined.ticket
+            ),
+            Err(e) => println!("no place left for you to watch: {e:#}"),
+        }
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;

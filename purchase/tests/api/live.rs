@@ -261,6 +261,25 @@ async fn the_live_stream_pushes_seat_changes_to_all_and_notices_to_their_fan() {
     assert_eq!(kinds, ["order_confirmed", "order_refunded"]);
     assert_eq!(feed["notices"][0]["identity"], "site:alice");
 
+    // The fan's seat page is served whole: no external scripts, styles or fonts.
+    let page = http
+        .get(format!("{url}/e/{event}/seats"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.expect("html");
+    assert!(html.contains("EventSource") && html.contains("/holds"));
+    for external in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!html.contains(external), "external asset: {external}");
+    }
+    let bad = http
+        .get(format!("{url}/e/zero/seats"))
+        .send()
+        .await
+        .expect("page");
+    assert!(bad.status().is_client_error());
+
     drop((bob_live, again, from_start));
     app.stop().await.expect("stop");
     env.cleanup().await;
