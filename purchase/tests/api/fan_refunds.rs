@@ -34,22 +34,12 @@ async fn fans_refund_their_own_order_with_its_manage_token_within_the_rule() {
     let buy = |event: i64, key: &'static str| {
         let (http, url, fan) = (http.clone(), url.clone(), pass(&signer, event));
         async move {
-            let seats: Vec<Value> = crate::seat_map(&http, &url, event, &fan).await;
-            let held: Value = http
-                .post(format!("{url}/api/v1/events/{event}/holds"))
-                .bearer_auth(&fan)
-                .json(&json!({ "seat_ids": [seats[0]["id"]] }))
-                .send()
-                .await
-                .expect("hold")
-                .json()
-                .await
-                .expect("json");
+            let (_, hold_id) = crate::hold_one(&http, &url, event, &fan).await;
             let checkout = || {
                 http.post(format!("{url}/api/v1/events/{event}/checkout"))
                     .bearer_auth(&fan)
                     .header("Idempotency-Key", key)
-                    .json(&json!({ "hold_id": held["hold_id"], "payment_token": "tok_visa" }))
+                    .json(&json!({ "hold_id": hold_id, "payment_token": "tok_visa" }))
                     .send()
             };
             let first: Value = checkout()

@@ -182,27 +182,12 @@ async fn the_stripe_provider_charges_declines_refunds_and_checks_webhooks() {
     let buy = |card: &'static str, key: &'static str| {
         let (http, url, fan) = (http.clone(), url.clone(), pass(&signer, event));
         async move {
-            let seats: Vec<Value> = crate::seat_map(&http, &url, event, &fan).await;
-            let free = seats
-                .iter()
-                .find(|s| s["status"] == "available")
-                .expect("a free seat")["id"]
-                .clone();
-            let held: Value = http
-                .post(format!("{url}/api/v1/events/{event}/holds"))
-                .bearer_auth(&fan)
-                .json(&json!({ "seat_ids": [free] }))
-                .send()
-                .await
-                .expect("hold")
-                .json()
-                .await
-                .expect("json");
+            let (_, hold_id) = crate::hold_one(&http, &url, event, &fan).await;
             let checkout = || {
                 http.post(format!("{url}/api/v1/events/{event}/checkout"))
                     .bearer_auth(&fan)
                     .header("Idempotency-Key", key)
-                    .json(&json!({ "hold_id": held["hold_id"], "payment_token": card }))
+                    .json(&json!({ "hold_id": hold_id, "payment_token": card }))
                     .send()
             };
             let first = checkout().await.expect("checkout");
