@@ -37,6 +37,11 @@ QUEUE_BIND="${FAIRGATE_QUEUE_BIND:-127.0.0.1:8082}"
 PURCHASE_BIND="${FAIRGATE_PURCHASE_BIND:-127.0.0.1:8083}"
 export FAIRGATE_BUFFER_BIND="$BUFFER_BIND" FAIRGATE_QUEUE_BIND="$QUEUE_BIND" FAIRGATE_PURCHASE_BIND="$PURCHASE_BIND"
 export FAIRGATE_JWKS_URL="http://$QUEUE_BIND/.well-known/jwks.json"
+export FAIRGATE_BUFFER_PUBLIC_URL="${FAIRGATE_BUFFER_PUBLIC_URL:-http://$BUFFER_BIND}"
+export FAIRGATE_QUEUE_PUBLIC_URL="${FAIRGATE_QUEUE_PUBLIC_URL:-http://$QUEUE_BIND}"
+export FAIRGATE_PURCHASE_PUBLIC_URL="${FAIRGATE_PURCHASE_PUBLIC_URL:-http://$PURCHASE_BIND}"
+OPERATOR_TOKEN="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export FAIRGATE_OPERATOR_TOKENS="${FAIRGATE_OPERATOR_TOKENS:-demo:$OPERATOR_TOKEN}"
 # The waiting page sends an admitted fan on to the purchase service's seat page.
 SEAT_PAGE="http://$PURCHASE_BIND/e/{event}/seats"
 export FAIRGATE_NEXT_PAGE_URL="${FAIRGATE_NEXT_PAGE_URL:-$SEAT_PAGE}"
@@ -78,7 +83,13 @@ target/release/crowd \
   --buffer-url "http://$BUFFER_BIND" --queue-url "http://$QUEUE_BIND" --purchase-url "http://$PURCHASE_BIND" \
   --json "$FG_DATA/demo-report.json" --html "$FG_DATA/demo-report.html" --spectator
 
+EVENT_ID="$(sed -n 's/.*"event_id": *\([0-9]*\).*/\1/p' "$FG_DATA/demo-report.json" | head -n 1)"
 cat <<MSG
+
+Pages (the tokens below are this demo's own, made up at start):
+  the demo event       $FAIRGATE_PURCHASE_PUBLIC_URL/e/$EVENT_ID
+  operator dashboard   $FAIRGATE_QUEUE_PUBLIC_URL/operator/e/$EVENT_ID   (token ${FAIRGATE_OPERATOR_TOKENS#*:})
+  organizer console    $FAIRGATE_PURCHASE_PUBLIC_URL/organizer   (token $FAIRGATE_ORGANIZER_TOKEN)
 
 The services are running:
   buffer    http://$BUFFER_BIND    (join, draw: /api/v1/events/{id}/draw)

@@ -18,3 +18,10 @@ done
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 fg_say "running the test suite"
 cargo test --workspace --all-targets "$@"
+
+# The pages in a real browser (installs Debian's chromium and playwright-core if missing).
+if [ "${FAIRGATE_SKIP_BROWSER_TESTS:-0}" = 1 ]; then
+  fg_say "skipping the browser tests (FAIRGATE_SKIP_BROWSER_TESTS=1)"
+else
+  scripts/browser-test.sh
+fi

@@ -11,6 +11,7 @@ pub mod draw;
 pub mod identity;
 pub mod ingest;
 pub mod join;
+pub mod pages;
 mod queue_store;
 pub mod window;
 
@@ -63,6 +64,7 @@ pub fn app(state: AppState) -> Router {
         .merge(join::router())
         .merge(draw::router())
         .merge(window::router())
+        .merge(pages::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }

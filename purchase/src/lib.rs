@@ -12,6 +12,7 @@ pub mod config;
 pub mod live;
 pub mod orders;
 pub mod organizer;
+pub mod pages;
 pub mod passgate;
 pub mod payments;
 pub mod reconcile;
@@ -62,6 +63,7 @@ pub fn app(state: AppState) -> Router {
         .merge(live::router())
         .merge(orders::router())
         .merge(stripe::router())
+        .merge(pages::router())
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }

@@ -26,18 +26,12 @@ use crate::AppState;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/events/{id}/seats", get(seat_map))
-        .route("/e/{id}/seats", get(seat_page))
         .route("/api/v1/events/{id}/holds", post(hold))
         .route("/api/v1/events/{id}/holds/{hold_id}", delete(release))
 }
 
 /// The fan's seat page: plain HTML, CSS and JS in one file, no external assets. The pass comes
 /// in the URL fragment from the waiting room (never sent to a server).
-async fn seat_page(Path(id): Path<i64>) -> Result<axum::response::Html<&'static str>, ApiError> {
-    EventId::from_path(id)?;
-    Ok(axum::response::Html(include_str!("seats.html")))
-}
-
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
 pub struct SeatView {
     pub id: i64,

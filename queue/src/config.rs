@@ -52,11 +52,24 @@ pub struct Config {
     pub operator_tokens: Option<String>,
 
     /// Where the waiting page sends an admitted fan (e.g. the seat page), `{event}` replaced by
-    /// the event id; the pass follows in the URL's fragment (`#pass=…`). Unset: the page shows
-    /// the pass.
+    /// the event id; the pass follows in the URL's fragment (`#pass=…`). Unset: the purchase
+    /// service's seat page at its public URL.
     #[arg(long, env = "FAIRGATE_NEXT_PAGE_URL")]
     pub next_page_url: Option<String>,
 
     #[command(flatten)]
     pub common: CommonConfig,
+}
+
+impl Config {
+    /// Where an admitted fan goes next, `{event}` still to be replaced.
+    pub fn next_page(&self) -> String {
+        match &self.next_page_url {
+            Some(url) if !url.trim().is_empty() => url.trim().to_owned(),
+            _ => format!(
+                "{}/e/{{event}}/seats",
+                self.common.web.purchase_public_url.trim_end_matches('/')
+            ),
+        }
+    }
 }

@@ -24,6 +24,22 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/operator/events/{id}/stats", get(stats))
         .route("/api/v1/operator/events/{id}/controls", patch(controls))
         .route("/api/v1/operator/events/{id}/message", put(message))
+        .route("/operator/e/{id}", get(dashboard))
+}
+
+/// The operator dashboard: live figures and charts, the controls with the projected time to
+/// drain the line shown before a change is applied. The page asks for the operator token and
+/// sends it with each API call; the page itself is public.
+async fn dashboard(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> Result<axum::response::Html<String>, ApiError> {
+    EventId::from_path(id)?;
+    Ok(state
+        .config
+        .common
+        .web
+        .page(include_str!("operator.html"), serde_json::json!({})))
 }
 
 /// The operator who presented a valid token, by name.

@@ -14,6 +14,7 @@ use axum::Router;
 use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use shared::event::SaleEvent;
 use shared::extract::{Path, Query};
 use shared::ids::{EventId, Position};
@@ -36,19 +37,17 @@ pub fn router() -> Router<AppState> {
         .route("/e/{id}", get(waiting_page))
 }
 
-/// The waiting page: plain HTML, CSS and JS in one file, no external assets. With
-/// `FAIRGATE_NEXT_PAGE_URL` set, an admitted fan is moved on to it, the pass in the URL's
-/// fragment (never sent to a server, so never in a log).
+/// The waiting page: plain HTML, CSS and JS in one file, no external assets. An admitted fan is
+/// moved on to `FAIRGATE_NEXT_PAGE_URL` (default: the purchase service's seat page), the pass in
+/// the URL's fragment (never sent to a server, so never in a log).
 async fn waiting_page(
     State(state): State<AppState>,
     Path(id): Path<i64>,
 ) -> Result<Html<String>, ApiError> {
     EventId::from_path(id)?;
-    let next = serde_json::to_string(&state.config.next_page_url)
-        .map_err(ApiError::internal)?
-        .replace('<', "\\u003c");
-    Ok(Html(
-        include_str!("waiting.html").replace("\"__NEXT_PAGE_URL__\"", &next),
+    Ok(state.config.common.web.page(
+        include_str!("waiting.html"),
+        json!({ "next": state.config.next_page() }),
     ))
 }
 

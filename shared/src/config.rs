@@ -81,6 +81,9 @@ pub struct CommonConfig {
     /// Issuer name put in and required of every token this deployment signs.
     #[arg(long, env = "FAIRGATE_ISSUER", default_value = "fairgate")]
     pub issuer: String,
+
+    #[command(flatten)]
+    pub web: crate::web::WebConfig,
 }
 
 impl CommonConfig {

@@ -19,6 +19,7 @@ pub mod server;
 pub mod stats;
 pub mod telemetry;
 pub mod token;
+pub mod web;
 
 #[cfg(feature = "testing")]
 pub mod testing;

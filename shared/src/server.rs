@@ -50,6 +50,8 @@ pub fn ops_router(backends: Backends) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/assets/fairgate.css", get(stylesheet))
+        .route("/assets/charts.js", get(charts))
         .with_state(Arc::new(backends))
 }
 
@@ -75,6 +77,31 @@ async fn readyz(State(b): State<Arc<Backends>>) -> Response {
         tracing::warn!(%body, "not ready");
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     }
+}
+
+/// The style every page shares, served by each service so no page needs another origin for it.
+async fn stylesheet() -> impl IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        include_str!("../assets/fairgate.css"),
+    )
+}
+
+/// The small SVG chart helpers the dashboards share.
+async fn charts() -> impl IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        include_str!("../assets/charts.js"),
+    )
 }
 
 async fn metrics() -> impl IntoResponse {
@@ -104,6 +131,7 @@ pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router 
             config.max_concurrent_requests,
         ))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(config.web.cors())
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
 }
 

@@ -69,6 +69,7 @@ impl TestEnv {
             request_timeout_ms: 10_000,
             max_concurrent_requests: 1024,
             issuer: "fairgate".into(),
+            web: crate::web::WebConfig::default(),
         }
     }
 
