@@ -2,6 +2,7 @@
 //! against the three services, with the JSON shapes the services document. The crowd and the
 //! end-to-end tests both speak through this, so they exercise exactly what a browser would.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -9,11 +10,12 @@ use chrono::{DateTime, Utc};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 /// Where the three services are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Endpoints {
     pub buffer: String,
     pub queue: String,
@@ -83,10 +85,14 @@ pub struct Order {
     pub tickets: Vec<OrderTicket>,
 }
 
-/// What the waiting room said to a fan before the pass came.
+/// What the waiting room said to a fan before the pass came: the first and the latest status
+/// and how many there were (not every one: a long wait brings thousands, and a crowd has
+/// thousands of fans waiting).
 #[derive(Clone, Debug, Default)]
 pub struct Wait {
-    pub statuses: Vec<Value>,
+    pub first_status: Option<Value>,
+    pub last_status: Option<Value>,
+    pub statuses: usize,
     pub first_position: Option<i64>,
 }
 
@@ -171,6 +177,36 @@ mod tests {
 pub struct Client {
     pub http: reqwest::Client,
     pub endpoints: Endpoints,
+    /// The loopback address this client's connections come from (past the ~28,000 ports one
+    /// source address has towards one service).
+    pub source: Option<Ipv4Addr>,
+}
+
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// A websocket to `url` (`ws://host:port/…`) from `source`, with small buffers (as a browser's
+/// would be).
+pub async fn open_ws(url: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Socket> {
+    let authority = url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.split('/').next())
+        .context("a ws:// URL")?;
+    let addr = tokio::net::lookup_host(authority)
+        .await?
+        .find(|a| a.is_ipv4())
+        .with_context(|| format!("no IPv4 address for {authority}"))?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    if let Some(source) = source {
+        socket.bind((source, 0).into())?;
+    }
+    let stream = socket.connect(addr).await?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(64 * 1024));
+    let (socket, _) =
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+    Ok(socket)
 }
 
 async fn decode<T: for<'de> Deserialize<'de>>(response: reqwest::Response) -> anyhow::Result<T> {
@@ -196,13 +232,30 @@ pub fn refused(e: &anyhow::Error) -> Option<&Refused> {
 
 impl Client {
     pub fn new(endpoints: Endpoints) -> anyhow::Result<Self> {
+        Client::from_source(endpoints, None)
+    }
+
+    /// A client whose connections all come from `source`.
+    pub fn from_source(endpoints: Endpoints, source: Option<Ipv4Addr>) -> anyhow::Result<Self> {
         Ok(Client {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(64)
+                .local_address(source.map(IpAddr::V4))
                 .build()?,
             endpoints,
+            source,
         })
+    }
+
+    async fn waiting_room(&self, event: i64, ticket: &str) -> anyhow::Result<Socket> {
+        let ws_base = self.endpoints.queue.replacen("http", "ws", 1);
+        open_ws(
+            &format!("{ws_base}/api/v1/events/{event}/ws?ticket={ticket}"),
+            self.source,
+        )
+        .await
+        .context("opening the waiting-room websocket")
     }
 
     /// Creates an event with a seat map; returns its id.
@@ -211,7 +264,19 @@ impl Client {
         organizer_token: &str,
         spec: &SaleSpec,
     ) -> anyhow::Result<i64> {
-        let body = json!({
+        self.create_event_with(organizer_token, spec, json!({}))
+            .await
+    }
+
+    /// Creates the event of `spec` with `extra` merged into the request (objects key by key:
+    /// e.g. `{"ticket_types": […], "sale": {"claim_window_secs": 30}}`).
+    pub async fn create_event_with(
+        &self,
+        organizer_token: &str,
+        spec: &SaleSpec,
+        extra: Value,
+    ) -> anyhow::Result<i64> {
+        let mut body = json!({
             "name": spec.name,
             "venue": "Loopback Arena",
             "starts_at": spec.sale_ends_at + chrono::Duration::days(7),
@@ -225,6 +290,7 @@ impl Client {
             },
             "seat_map": spec.seat_map(),
         });
+        merge(&mut body, extra);
         let created: Value = decode(
             self.http
                 .post(format!(
@@ -314,11 +380,7 @@ impl Client {
         ticket: &str,
         limit: Duration,
     ) -> anyhow::Result<(IssuedPass, Wait)> {
-        let ws_base = self.endpoints.queue.replacen("http", "ws", 1);
-        let url = format!("{ws_base}/api/v1/events/{event}/ws?ticket={ticket}");
-        let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .context("opening the waiting-room websocket")?;
+        let mut socket = self.waiting_room(event, ticket).await?;
         let mut wait = Wait::default();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -342,7 +404,12 @@ impl Client {
                             if wait.first_position.is_none() {
                                 wait.first_position = value["position"].as_i64();
                             }
-                            wait.statuses.push(value);
+                            wait.statuses += 1;
+                            if wait.first_status.is_none() {
+                                wait.first_status = Some(value);
+                            } else {
+                                wait.last_status = Some(value);
+                            }
                         }
                         Some("sold_out") => return Err(SoldOut.into()),
                         _ => bail!("unexpected waiting-room message {value}"),
@@ -370,6 +437,11 @@ impl Client {
     }
 
     pub async fn hold(&self, event: i64, pass: &str, seat_ids: &[i64]) -> anyhow::Result<Hold> {
+        self.post_hold(event, pass, json!({ "seat_ids": seat_ids }))
+            .await
+    }
+
+    async fn post_hold(&self, event: i64, pass: &str, body: Value) -> anyhow::Result<Hold> {
         decode(
             self.http
                 .post(format!(
@@ -377,11 +449,45 @@ impl Client {
                     self.endpoints.purchase
                 ))
                 .bearer_auth(pass)
-                .json(&json!({ "seat_ids": seat_ids }))
+                .json(&body)
                 .send()
                 .await?,
         )
         .await
+    }
+
+    /// Holds `quantity` places of a general-admission ticket type.
+    pub async fn hold_general(
+        &self,
+        event: i64,
+        pass: &str,
+        ticket_type: &str,
+        quantity: i64,
+    ) -> anyhow::Result<Hold> {
+        self.post_hold(
+            event,
+            pass,
+            json!({ "ticket_type": ticket_type, "quantity": quantity }),
+        )
+        .await
+    }
+
+    /// A fan who gives up: opens the waiting room, reads the first status and goes away for
+    /// good, never claiming the pass its place will earn.
+    pub async fn look_and_leave(&self, event: i64, ticket: &str) -> anyhow::Result<Value> {
+        let mut socket = self.waiting_room(event, ticket).await?;
+        let first = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(message) = socket.next().await {
+                if let Message::Text(text) = message? {
+                    return Ok::<_, anyhow::Error>(serde_json::from_str::<Value>(text.as_str())?);
+                }
+            }
+            bail!("the waiting room closed the socket at once")
+        })
+        .await
+        .map_err(|_| anyhow!("no status within 30 s"))??;
+        let _ = socket.close(None).await;
+        Ok(first)
     }
 
     pub async fn checkout(
@@ -405,6 +511,18 @@ impl Client {
                 .await?,
         )
         .await
+    }
+}
+
+/// Merges `extra` into `base`: objects key by key, anything else replaced.
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(base), Value::Object(extra)) => {
+            for (k, v) in extra {
+                merge(base.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (base, extra) => *base = extra,
     }
 }
 

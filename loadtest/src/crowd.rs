@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::seq::IndexedRandom;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::client::{refused, Client, Endpoints, SaleSpec};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CrowdConfig {
     pub endpoints: Endpoints,
     pub organizer_token: String,
@@ -41,6 +40,23 @@ pub struct CrowdConfig {
     /// Share of misbehaving fans: they join again with their ticket at once (must get the same
     /// place) and try a forged pass (must be refused).
     pub misbehave_share: f64,
+    /// Share of fans who take the best available seats (the front rows, by seat id): every one
+    /// of them wants the same seats, the heaviest contention there is.
+    pub best_share: f64,
+    /// Share of the places sold as one standing area (general admission, bought by quantity),
+    /// and the same share of fans buying there.
+    pub general_share: f64,
+    /// Share of fans who give up while waiting and never claim the pass their place earns.
+    pub no_claim_share: f64,
+    /// Share of fans who hold seats and never pay (the hold expires and the seats come back).
+    pub abandon_share: f64,
+    /// Share of fans who send their checkout twice at once and once more afterwards, all with
+    /// the same Idempotency-Key: they must be charged once and get one order.
+    pub retry_share: f64,
+    /// How long an admitted fan has to claim the pass before the slot goes to the next fan.
+    pub claim_window_secs: i64,
+    /// How long a pass lasts: a shopper who walks away holds a slot under the cap this long.
+    pub pass_ttl_secs: i64,
     /// Give up on a fan still waiting after this long.
     pub fan_timeout: Duration,
     pub progress: bool,
@@ -81,6 +97,16 @@ pub struct Report {
     /// Fans who left the line on purpose, and misbehaving fans.
     pub left: usize,
     pub misbehaving: usize,
+    /// Fans who gave up waiting and never claimed their pass.
+    pub no_shows: usize,
+    /// Fans who held seats and let the hold expire.
+    pub abandoned_holds: usize,
+    /// Fans who retried their checkout with the same key.
+    pub retried_checkouts: usize,
+    /// Fans who bought by seat choice: best available, specific seats, standing places.
+    pub bought_best_available: usize,
+    pub bought_specific: usize,
+    pub bought_standing: usize,
     /// Per second since the start: fans waiting in line, and fans admitted in that second.
     pub timeline: Timeline,
     pub invariants: BTreeMap<String, bool>,
@@ -98,8 +124,9 @@ pub struct Timeline {
     pub checkout_ms: Vec<(f32, f32)>,
 }
 
-#[derive(Debug, Default)]
-struct FanResult {
+/// One fan's outcome (what a worker process hands back to the parent).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FanResult {
     /// When the join was sent and answered, since the crowd started.
     join_sent: Option<Duration>,
     join_answered: Option<Duration>,
@@ -113,12 +140,17 @@ struct FanResult {
     joined_at: Option<DateTime<Utc>>,
     position: Option<i64>,
     presale: bool,
-    admitted_at: Option<Instant>,
     join_ms: Option<f64>,
     wait_ms: Option<f64>,
     hold_ms: Option<f64>,
     checkout_ms: Option<f64>,
     bought_seats: usize,
+    choice: Option<Choice>,
+    no_show: bool,
+    abandoned: bool,
+    retried: bool,
+    /// A retried checkout got two different orders (or none while one was charged).
+    retry_split: bool,
     declined: bool,
     sold_out: bool,
     error: Option<String>,
@@ -126,10 +158,60 @@ struct FanResult {
 
 pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
     let client = Client::new(config.endpoints.clone())?;
+    let event = create(&client, &config).await?;
+    let start = epoch_ms();
+    let progress = Arc::new(Progress::default());
+    let bar = progress_bar(&config);
+    let ticker = {
+        let (bar, progress, seats) = (bar.clone(), progress.clone(), config.seats);
+        tokio::spawn(async move {
+            loop {
+                let p = progress.snapshot();
+                bar.set_position(p.done as u64);
+                bar.set_message(p.line(seats));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let results = run_fans(&client, &config, event, 0..config.fans, start, &progress).await?;
+    ticker.abort();
+    bar.finish_and_clear();
+    let wall_secs = instant_of(start).elapsed().as_secs_f64();
+    report(&client, &config, event, results, wall_secs).await
+}
+
+/// Milliseconds since the Unix epoch: the crowd's shared start, across worker processes.
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This process's `Instant` of the wall-clock moment `start_ms`.
+pub fn instant_of(start_ms: u64) -> Instant {
+    let ago = Duration::from_millis(epoch_ms().saturating_sub(start_ms));
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+pub fn progress_bar(config: &CrowdConfig) -> ProgressBar {
+    if !config.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(config.fans as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} done · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Creates the crowd's event (seats, a standing area, the sale window); returns its id.
+pub async fn create(client: &Client, config: &CrowdConfig) -> anyhow::Result<i64> {
     let now = Utc::now();
+    let standing = standing_places(config);
     let spec = SaleSpec {
         name: format!("Crowd sale {}", now.format("%Y-%m-%d %H:%M:%S")),
-        seats: config.seats,
+        seats: config.seats - standing,
         seats_per_row: 50,
         price_cents: 4_500,
         presale_opens_at: now - chrono::Duration::seconds(1),
@@ -139,35 +221,42 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
         max_active: config.max_active,
         seats_per_fan: config.seats_per_fan,
     };
-    let event = client.create_event(&config.organizer_token, &spec).await?;
-    let started = Instant::now();
-    let bar = if config.progress {
-        let bar = ProgressBar::new(config.fans as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} done · {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let progress = Arc::new(Progress::default());
-    let ticker = {
-        let (bar, progress, seats) = (bar.clone(), progress.clone(), config.seats);
-        tokio::spawn(async move {
-            loop {
-                bar.set_message(progress.line(seats));
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    let mut extra = serde_json::json!({ "sale": {
+        "claim_window_secs": config.claim_window_secs,
+        "pass_ttl_secs": config.pass_ttl_secs,
+    } });
+    if standing > 0 {
+        extra["ticket_types"] = serde_json::json!([
+            { "name": STANDING, "capacity": standing, "price_cents": 3_000 }
+        ]);
+    }
+    client
+        .create_event_with(&config.organizer_token, &spec, extra)
+        .await
+}
+
+/// Runs fans `fans` (indices into the whole crowd, which fix each fan's behaviour) of the sale
+/// that started at `start` (epoch ms); every fan's outcome, in no particular order.
+pub async fn run_fans(
+    client: &Client,
+    config: &CrowdConfig,
+    event: i64,
+    fans: std::ops::Range<usize>,
+    start: u64,
+    progress: &Arc<Progress>,
+) -> anyhow::Result<Vec<FanResult>> {
+    let started = instant_of(start);
+    let standing = standing_places(config);
+    let shared = Arc::new(Shared {
+        progress: progress.clone(),
+        board: SeatBoard::new(config.seats),
+    });
     let arrival_window = Duration::from_millis(config.presale_secs * 800);
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..config.fans {
+    for i in fans {
         let client = client.clone();
         let config = config.clone();
-        let bar = bar.clone();
-        let progress = progress.clone();
+        let shared = shared.clone();
         let late = i % 100 < (config.late_share * 100.0) as usize;
         let delay = if late {
             Duration::from_secs(config.presale_secs)
@@ -183,60 +272,102 @@ pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
             && !declines
             && i >= share(config.decline_share)
             && i < share(config.decline_share) + share(config.misbehave_share);
+        // Two independent, evenly spread draws over the fans for the other behaviours.
+        let spread = |salt: u64| ((i as u64 + 1).wrapping_mul(salt) % 10_007) as f64 / 10_007.0;
+        let (c, b) = (spread(7_919), spread(104_729));
+        let choice = if c < config.general_share && standing > 0 {
+            Choice::Standing
+        } else if c < config.general_share + config.best_share {
+            Choice::BestAvailable
+        } else {
+            Choice::Specific
+        };
+        let plain = !declines && !leaves && !misbehaves;
+        let no_claim = plain && b < config.no_claim_share;
+        let abandons = plain && !no_claim && b < config.no_claim_share + config.abandon_share;
+        let retries = plain
+            && !no_claim
+            && !abandons
+            && b < config.no_claim_share + config.abandon_share + config.retry_share;
         let kind = Kind {
             declines,
             leaves,
             misbehaves,
+            choice,
+            no_claim,
+            abandons,
+            retries,
         };
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
             let mut result = FanResult::default();
-            let outcome = fan(
-                &client,
-                &config,
-                event,
-                kind,
-                started,
-                &progress,
-                &mut result,
-            )
-            .await;
-            progress.finish(&result, outcome.is_err());
+            let outcome = fan(&client, &config, event, kind, started, &shared, &mut result).await;
+            shared.progress.finish(&result, outcome.is_err());
             if let Err(e) = outcome {
                 result.error = Some(format!("{e:#}"));
             }
-            bar.inc(1);
+            shared.progress.done.fetch_add(1, Ordering::Relaxed);
             result
         });
     }
-    let mut results = Vec::with_capacity(config.fans);
+    let mut results = Vec::with_capacity(tasks.len());
     while let Some(r) = tasks.join_next().await {
         results.push(r?);
     }
-    ticker.abort();
-    bar.finish_and_clear();
-    let wall_secs = started.elapsed().as_secs_f64();
-    report(&client, &config, event, results, wall_secs).await
+    Ok(results)
 }
 
 /// Live counts for the progress bar.
 #[derive(Default)]
-struct Progress {
+pub struct Progress {
     waiting: AtomicI64,
     buying: AtomicI64,
     seats_sold: AtomicI64,
     errors: AtomicI64,
+    done: AtomicI64,
+}
+
+/// The progress counts at one moment (summed over worker processes by the parent).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ProgressCounts {
+    pub waiting: i64,
+    pub buying: i64,
+    pub seats_sold: i64,
+    pub errors: i64,
+    pub done: i64,
+}
+
+impl ProgressCounts {
+    pub fn plus(self, o: ProgressCounts) -> ProgressCounts {
+        ProgressCounts {
+            waiting: self.waiting + o.waiting,
+            buying: self.buying + o.buying,
+            seats_sold: self.seats_sold + o.seats_sold,
+            errors: self.errors + o.errors,
+            done: self.done + o.done,
+        }
+    }
+
+    pub fn line(&self, seats: i64) -> String {
+        format!(
+            "waiting {} · buying {} · seats left {} · errors {}",
+            self.waiting,
+            self.buying,
+            seats - self.seats_sold,
+            self.errors
+        )
+    }
 }
 
 impl Progress {
-    fn line(&self, seats: i64) -> String {
-        format!(
-            "waiting {} · buying {} · seats left {} · errors {}",
-            self.waiting.load(Ordering::Relaxed),
-            self.buying.load(Ordering::Relaxed),
-            seats - self.seats_sold.load(Ordering::Relaxed),
-            self.errors.load(Ordering::Relaxed)
-        )
+    pub fn snapshot(&self) -> ProgressCounts {
+        ProgressCounts {
+            waiting: self.waiting.load(Ordering::Relaxed),
+            buying: self.buying.load(Ordering::Relaxed),
+            seats_sold: self.seats_sold.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+        }
     }
 
     /// A fan's wait or purchase ended (however it ended).
@@ -256,12 +387,31 @@ impl Progress {
     }
 }
 
+/// The standing area's ticket type.
+const STANDING: &str = "Standing";
+
+fn standing_places(config: &CrowdConfig) -> i64 {
+    ((config.seats as f64 * config.general_share).round() as i64).clamp(0, config.seats - 1)
+}
+
+/// How a fan chooses seats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Choice {
+    BestAvailable,
+    Specific,
+    Standing,
+}
+
 /// How a simulated fan behaves.
 #[derive(Clone, Copy, Debug)]
 struct Kind {
     declines: bool,
     leaves: bool,
     misbehaves: bool,
+    choice: Choice,
+    no_claim: bool,
+    abandons: bool,
+    retries: bool,
 }
 
 async fn fan(
@@ -270,7 +420,7 @@ async fn fan(
     event: i64,
     kind: Kind,
     started: Instant,
-    progress: &Progress,
+    shared: &Shared,
     result: &mut FanResult,
 ) -> anyhow::Result<()> {
     let declines = kind.declines;
@@ -287,7 +437,7 @@ async fn fan(
         client.leave(event, &joined.ticket).await?;
         return Ok(());
     }
-    progress.waiting.fetch_add(1, Ordering::Relaxed);
+    shared.progress.waiting.fetch_add(1, Ordering::Relaxed);
     if kind.misbehaves {
         // A second and third tab at once: the same place, never another.
         result.misbehaving = true;
@@ -300,6 +450,11 @@ async fn fan(
                 result.got_through = true;
             }
         }
+    }
+    if kind.no_claim {
+        client.look_and_leave(event, &joined.ticket).await?;
+        result.no_show = true;
+        return Ok(());
     }
     let t = Instant::now();
     let (pass, wait) = match client
@@ -314,10 +469,9 @@ async fn fan(
         Err(e) => return Err(e),
     };
     result.wait_ms = Some(ms(t));
-    result.admitted_at = Some(Instant::now());
     result.admitted_after = Some(started.elapsed());
-    progress.waiting.fetch_sub(1, Ordering::Relaxed);
-    progress.buying.fetch_add(1, Ordering::Relaxed);
+    shared.progress.waiting.fetch_sub(1, Ordering::Relaxed);
+    shared.progress.buying.fetch_add(1, Ordering::Relaxed);
     result.position = wait.first_position.or(joined.position);
     if kind.misbehaves {
         // An edited pass (one character of the signature changed) must be refused.
@@ -336,38 +490,28 @@ async fn fan(
     }
 
     let wanted = rand::rng().random_range(1..=config.seats_per_fan.max(1)) as usize;
-    let mut hold = None;
-    for _attempt in 0..6 {
-        let seats = client.seats(event, &pass.pass).await?;
-        let free: Vec<i64> = seats
-            .iter()
-            .filter(|s| s.status == "available")
-            .map(|s| s.id)
-            .collect();
-        if free.is_empty() {
-            result.sold_out = true;
-            return Ok(());
-        }
-        let pick: Vec<i64> = free
-            .choose_multiple(&mut rand::rng(), wanted.min(free.len()))
-            .copied()
-            .collect();
-        let t = Instant::now();
-        match client.hold(event, &pass.pass, &pick).await {
-            Ok(h) => {
-                result.hold_ms = Some(ms(t));
-                result.hold_done = Some(started.elapsed());
-                hold = Some(h);
-                break;
-            }
-            Err(e) if refused(&e).is_some_and(|r| r.code == "seat_unavailable") => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    let Some(hold) = hold else {
+    let Some((hold, choice)) = take_places(
+        client,
+        &shared.board,
+        event,
+        &pass.pass,
+        kind.choice,
+        wanted,
+    )
+    .await?
+    else {
         result.sold_out = true;
         return Ok(());
     };
+    result.hold_ms = Some(ms(hold.1));
+    result.hold_done = Some(started.elapsed());
+    result.choice = Some(choice);
+    let hold = hold.0;
+    if kind.abandons {
+        // Walks away: the hold runs out and the seats go back on sale.
+        result.abandoned = true;
+        return Ok(());
+    }
     let card = if declines {
         "tok_chargeDeclined"
     } else {
@@ -375,10 +519,27 @@ async fn fan(
     };
     let key = Uuid::new_v4().to_string();
     let t = Instant::now();
-    match client
-        .checkout(event, &pass.pass, hold.hold_id, &key, card)
-        .await
-    {
+    let checkout = || client.checkout(event, &pass.pass, hold.hold_id, &key, card);
+    let answer = if kind.retries {
+        // A double click and a retry after a lost answer: one order, one charge.
+        result.retried = true;
+        let (first, second) = tokio::join!(checkout(), checkout());
+        let third = checkout().await;
+        let mut orders = Vec::new();
+        for answer in [&first, &second, &third] {
+            match answer {
+                Ok(order) => orders.push(order.order_id),
+                Err(e) if refused(e).is_some_and(|r| r.status == 409) => {}
+                Err(e) => return Err(anyhow::anyhow!("retried checkout: {e:#}")),
+            }
+        }
+        orders.dedup();
+        result.retry_split = orders.len() != 1;
+        third
+    } else {
+        checkout().await
+    };
+    match answer {
         Ok(order) => {
             result.checkout_ms = Some(ms(t));
             result.checkout_done = Some(started.elapsed());
@@ -388,6 +549,163 @@ async fn fan(
         Err(e) => return Err(e),
     }
     Ok(())
+}
+
+/// Holds places the way the fan chooses them; a fan whose choice is gone takes what is left
+/// (standing → seats, best available → any seats). `None`: nothing left to hold.
+async fn take_places(
+    client: &Client,
+    board: &SeatBoard,
+    event: i64,
+    pass: &str,
+    choice: Choice,
+    wanted: usize,
+) -> anyhow::Result<Option<((crate::client::Hold, Instant), Choice)>> {
+    if choice == Choice::Standing {
+        for quantity in (1..=wanted as i64).rev() {
+            let t = Instant::now();
+            match client.hold_general(event, pass, STANDING, quantity).await {
+                Ok(h) => return Ok(Some(((h, t), Choice::Standing))),
+                Err(e) if refused(&e).is_some_and(|r| r.code == "not_enough_places") => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut choice = if choice == Choice::Standing {
+        Choice::Specific
+    } else {
+        choice
+    };
+    for attempt in 0..12 {
+        if attempt == 6 {
+            // Six times beaten to the front rows: any free seats will do.
+            choice = Choice::Specific;
+        }
+        let pick = board.pick(client, event, pass, choice, wanted).await?;
+        if pick.is_empty() {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        match client.hold(event, pass, &pick).await {
+            Ok(h) => {
+                board.taken(&pick);
+                return Ok(Some(((h, t), choice)));
+            }
+            Err(e) if refused(&e).is_some_and(|r| r.code == "seat_unavailable") => {
+                board.taken(&pick);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// What the fans of one process share.
+struct Shared {
+    progress: Arc<Progress>,
+    board: SeatBoard,
+}
+
+/// The seat map as this process's fans see it: one snapshot of the free seats fetched at most
+/// every `refresh` and shared (as a browser's map is a few seconds stale, and so that 100,000
+/// fans do not each download a 100,000-seat map), plus the seats this process has since seen
+/// taken. Fans pick from it and learn of conflicts from the hold's answer, as real fans do.
+pub struct SeatBoard {
+    refresh: Duration,
+    snapshot: tokio::sync::Mutex<Option<(Instant, Arc<Vec<i64>>)>>,
+    taken: std::sync::Mutex<std::collections::HashSet<i64>>,
+}
+
+impl SeatBoard {
+    pub fn new(seats: i64) -> SeatBoard {
+        SeatBoard {
+            // ~1 s per 20,000 seats of map to send, at least a second.
+            refresh: Duration::from_millis((seats as u64 / 20).max(1_000)),
+            snapshot: tokio::sync::Mutex::new(None),
+            taken: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    fn taken(&self, seats: &[i64]) {
+        if let Ok(mut taken) = self.taken.lock() {
+            taken.extend(seats);
+        }
+    }
+
+    async fn free(
+        &self,
+        client: &Client,
+        event: i64,
+        pass: &str,
+        fresh: bool,
+    ) -> anyhow::Result<Arc<Vec<i64>>> {
+        let mut snapshot = self.snapshot.lock().await;
+        let stale = snapshot
+            .as_ref()
+            .is_none_or(|(at, _)| fresh || at.elapsed() > self.refresh);
+        if stale {
+            let seats = client.seats(event, pass).await?;
+            let free: Vec<i64> = seats
+                .iter()
+                .filter(|s| s.status == "available")
+                .map(|s| s.id)
+                .collect();
+            *snapshot = Some((Instant::now(), Arc::new(free)));
+            if let Ok(mut taken) = self.taken.lock() {
+                taken.clear();
+            }
+        }
+        Ok(snapshot
+            .as_ref()
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default())
+    }
+
+    /// Up to `wanted` seats believed free: the front ones (the map is in id order) or random
+    /// ones. Empty: none left, even on a fresh map.
+    async fn pick(
+        &self,
+        client: &Client,
+        event: i64,
+        pass: &str,
+        choice: Choice,
+        wanted: usize,
+    ) -> anyhow::Result<Vec<i64>> {
+        for fresh in [false, true] {
+            let free = self.free(client, event, pass, fresh).await?;
+            let taken = self
+                .taken
+                .lock()
+                .map_err(|_| anyhow::anyhow!("seat board poisoned"))?
+                .clone();
+            let open = |id: &&i64| !taken.contains(id);
+            let pick: Vec<i64> = match choice {
+                Choice::BestAvailable => free.iter().filter(open).take(wanted).copied().collect(),
+                _ => {
+                    let mut rng = rand::rng();
+                    let mut pick = Vec::with_capacity(wanted);
+                    for _ in 0..wanted * 20 {
+                        if pick.len() == wanted || free.is_empty() {
+                            break;
+                        }
+                        let id = free[rng.random_range(0..free.len())];
+                        if !taken.contains(&id) && !pick.contains(&id) {
+                            pick.push(id);
+                        }
+                    }
+                    if pick.is_empty() {
+                        pick = free.iter().filter(open).take(wanted).copied().collect();
+                    }
+                    pick
+                }
+            };
+            if !pick.is_empty() {
+                return Ok(pick);
+            }
+        }
+        Ok(Vec::new())
+    }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -410,7 +728,7 @@ fn percentiles(values: impl Iterator<Item = f64>) -> Percentiles {
     }
 }
 
-async fn report(
+pub async fn report(
     client: &Client,
     config: &CrowdConfig,
     event: i64,
@@ -435,10 +753,10 @@ async fn report(
         percentiles(results.iter().filter_map(|r| r.checkout_ms)),
     );
 
-    let admitted: Vec<Instant> = results.iter().filter_map(|r| r.admitted_at).collect();
+    let admitted: Vec<Duration> = results.iter().filter_map(|r| r.admitted_after).collect();
     let achieved = match (admitted.iter().min(), admitted.iter().max()) {
         (Some(first), Some(last)) if admitted.len() > 1 && last > first => {
-            (admitted.len() - 1) as f64 / last.duration_since(*first).as_secs_f64() * 60.0
+            (admitted.len() - 1) as f64 / (*last - *first).as_secs_f64() * 60.0
         }
         _ => 0.0,
     };
@@ -479,6 +797,10 @@ async fn report(
         "no_misbehaving_client_got_through".into(),
         !results.iter().any(|r| r.got_through),
     );
+    invariants.insert(
+        "retried_checkouts_gave_one_order".into(),
+        !results.iter().any(|r| r.retry_split),
+    );
     let ok = invariants.values().all(|v| *v);
     let errors: Vec<&String> = results.iter().filter_map(|r| r.error.as_ref()).collect();
     Ok(Report {
@@ -505,10 +827,23 @@ async fn report(
             .count(),
         left: results.iter().filter(|r| r.left).count(),
         misbehaving: results.iter().filter(|r| r.misbehaving).count(),
+        no_shows: results.iter().filter(|r| r.no_show).count(),
+        abandoned_holds: results.iter().filter(|r| r.abandoned).count(),
+        retried_checkouts: results.iter().filter(|r| r.retried).count(),
+        bought_best_available: bought_by(&results, Choice::BestAvailable),
+        bought_specific: bought_by(&results, Choice::Specific),
+        bought_standing: bought_by(&results, Choice::Standing),
         timeline: timeline(&results),
         invariants,
         ok,
     })
+}
+
+fn bought_by(results: &[FanResult], choice: Choice) -> usize {
+    results
+        .iter()
+        .filter(|r| r.bought_seats > 0 && r.choice == Some(choice))
+        .count()
 }
 
 /// Fans who joined after the draw are placed in arrival order: whenever one fan's join was

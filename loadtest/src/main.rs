@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use fairgate_loadtest::client::Endpoints;
 use fairgate_loadtest::crowd::{self, CrowdConfig};
@@ -47,6 +48,33 @@ struct Args {
     /// get the same place) and presents a forged pass (must be refused).
     #[arg(long, default_value_t = 0.05)]
     misbehave_share: f64,
+    /// Share of fans who take the best available seats, the front rows (0.0–1.0): they all
+    /// want the same seats.
+    #[arg(long, default_value_t = 0.4)]
+    best_share: f64,
+    /// Share of the places sold as a standing area bought by quantity, and of the fans buying
+    /// there (0.0–1.0). The other fans pick specific seats at random.
+    #[arg(long, default_value_t = 0.2)]
+    general_share: f64,
+    /// Share of fans who give up while waiting and never claim their pass (0.0–1.0): their
+    /// slot goes to the next fan once the claim window lapses.
+    #[arg(long, default_value_t = 0.03)]
+    no_claim_share: f64,
+    /// Share of fans who hold seats and never pay (0.0–1.0): the seats come back when the hold
+    /// expires (the purchase service's FAIRGATE_HOLD_TTL_SECS).
+    #[arg(long, default_value_t = 0.02)]
+    abandon_share: f64,
+    /// Share of fans who send their checkout twice at once and once more afterwards with the
+    /// same Idempotency-Key (0.0–1.0): checked to give one order and one charge.
+    #[arg(long, default_value_t = 0.05)]
+    retry_share: f64,
+    /// Seconds an admitted fan has to claim the pass (the event's claim window).
+    #[arg(long, default_value_t = 20)]
+    claim_window_secs: i64,
+    /// Seconds a pass lasts (the event's pass lifetime): a shopper who walks away without
+    /// buying keeps a slot under `--max-active` this long.
+    #[arg(long, default_value_t = 900)]
+    pass_ttl_secs: i64,
     /// Give up on a fan that has not finished after this many seconds.
     #[arg(long, default_value_t = 300)]
     fan_timeout_secs: u64,
@@ -73,7 +101,17 @@ struct Args {
     purchase_url: String,
     /// Organizer API token of the purchase service.
     #[arg(long, env = "FAIRGATE_ORGANIZER_TOKEN", hide_env_values = true)]
-    organizer_token: String,
+    organizer_token: Option<String>,
+    /// Worker processes the fans are spread over (default: one per 10,000 fans). One process
+    /// may hold only ~19,900 open files here, and each waiting fan holds a socket; with more
+    /// than one, each worker's connections come from its own loopback address (127.0.0.2, .3,
+    /// …), past the ~28,000 ports one address has towards one service. Their figures are
+    /// merged into one report.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// (Internal) run as a worker process from this spec file.
+    #[arg(long, hide = true)]
+    worker: Option<PathBuf>,
     /// Postgres URL, to check the invariants after the sale (skipped if unset).
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
@@ -95,20 +133,26 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(spec) = &args.worker {
+        return workers::work(spec).await;
+    }
     anyhow::ensure!(args.fans > 0, "--fans must be positive");
     anyhow::ensure!(args.seats > 0, "--seats must be positive");
-    // One process holds at most ~19,900 sockets here; each waiting fan holds one.
-    anyhow::ensure!(
-        args.fans <= 15_000,
-        "--fans above 15000 needs several worker processes (not supported yet)"
-    );
+    let organizer_token = args
+        .organizer_token
+        .clone()
+        .context("--organizer-token (or FAIRGATE_ORGANIZER_TOKEN) is required")?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| args.fans.div_ceil(10_000))
+        .clamp(1, 200);
     let config = CrowdConfig {
         endpoints: Endpoints {
             buffer: args.buffer_url.trim_end_matches('/').to_owned(),
             queue: args.queue_url.trim_end_matches('/').to_owned(),
             purchase: args.purchase_url.trim_end_matches('/').to_owned(),
         },
-        organizer_token: args.organizer_token,
+        organizer_token,
         database_url: args.database_url,
         fans: args.fans,
         seats: args.seats,
@@ -123,11 +167,22 @@ async fn main() -> anyhow::Result<()> {
         late_secs: args.late_secs,
         leave_share: args.leave_share.clamp(0.0, 1.0),
         misbehave_share: args.misbehave_share.clamp(0.0, 1.0),
+        best_share: args.best_share.clamp(0.0, 1.0),
+        general_share: args.general_share.clamp(0.0, 0.9),
+        no_claim_share: args.no_claim_share.clamp(0.0, 1.0),
+        abandon_share: args.abandon_share.clamp(0.0, 1.0),
+        retry_share: args.retry_share.clamp(0.0, 1.0),
+        claim_window_secs: args.claim_window_secs.clamp(10, 86_400),
+        pass_ttl_secs: args.pass_ttl_secs.clamp(60, 86_400),
         fan_timeout: Duration::from_secs(args.fan_timeout_secs),
         progress: !args.quiet,
     };
     let endpoints = config.endpoints.clone();
-    let report = crowd::run(config).await?;
+    let report = if workers > 1 {
+        workers::run(config, workers).await?
+    } else {
+        crowd::run(config).await?
+    };
     print_summary(&report);
     if args.spectator {
         let client = fairgate_loadtest::client::Client::new(endpoints.clone())?;
@@ -153,6 +208,154 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+mod workers {
+    //! The crowd spread over worker processes: the parent creates the event and starts one
+    //! worker per share of the fans (this same binary, `--worker SPEC`), each from its own
+    //! loopback address; workers write their progress every half second and their fans'
+    //! outcomes at the end; the parent shows the summed progress and reports on all of them.
+
+    use std::net::Ipv4Addr;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use fairgate_loadtest::client::Client;
+    use fairgate_loadtest::crowd::{self, CrowdConfig, FanResult, Progress, ProgressCounts};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    struct Spec {
+        config: CrowdConfig,
+        event: i64,
+        first: usize,
+        end: usize,
+        start_ms: u64,
+        source: Option<Ipv4Addr>,
+    }
+
+    fn with_ext(spec: &Path, ext: &str) -> PathBuf {
+        spec.with_extension(ext)
+    }
+
+    /// Writes `value` as JSON to `path` atomically (the parent may be reading it).
+    fn publish<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, serde_json::to_vec(value)?)?;
+        std::fs::rename(&partial, path)?;
+        Ok(())
+    }
+
+    pub async fn run(config: CrowdConfig, workers: usize) -> anyhow::Result<crowd::Report> {
+        let client = Client::new(config.endpoints.clone())?;
+        let event = crowd::create(&client, &config).await?;
+        let start_ms = crowd::epoch_ms();
+        let dir =
+            std::env::temp_dir().join(format!("fairgate-crowd-{}-{event}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let per = config.fans.div_ceil(workers);
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        let mut specs = Vec::new();
+        for w in 0..workers {
+            let (first, end) = (w * per, ((w + 1) * per).min(config.fans));
+            if first >= end {
+                break;
+            }
+            let mut worker_config = config.clone();
+            worker_config.organizer_token = String::new();
+            worker_config.database_url = None;
+            worker_config.progress = false;
+            let spec = Spec {
+                config: worker_config,
+                event,
+                first,
+                end,
+                start_ms,
+                source: Some(Ipv4Addr::new(127, 0, 0, 2 + w as u8)),
+            };
+            let path = dir.join(format!("worker-{w}.json"));
+            std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+            let child = tokio::process::Command::new(&exe)
+                .arg("--worker")
+                .arg(&path)
+                .env_remove("FAIRGATE_ORGANIZER_TOKEN")
+                .env_remove("DATABASE_URL")
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {w}"))?;
+            children.push(child);
+            specs.push(path);
+        }
+        let bar = crowd::progress_bar(&config);
+        let mut running = children.len();
+        let mut failed = Vec::new();
+        while running > 0 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            running = 0;
+            for (w, child) in children.iter_mut().enumerate() {
+                match child.try_wait()? {
+                    None => running += 1,
+                    Some(status) if !status.success() && !failed.contains(&w) => failed.push(w),
+                    Some(_) => {}
+                }
+            }
+            let total = specs
+                .iter()
+                .filter_map(|s| std::fs::read(with_ext(s, "progress")).ok())
+                .filter_map(|b| serde_json::from_slice::<ProgressCounts>(&b).ok())
+                .fold(ProgressCounts::default(), ProgressCounts::plus);
+            bar.set_position(total.done as u64);
+            bar.set_message(format!(
+                "{} · workers running {running}",
+                total.line(config.seats)
+            ));
+        }
+        bar.finish_and_clear();
+        anyhow::ensure!(
+            failed.is_empty(),
+            "worker(s) {failed:?} failed (see their errors above)"
+        );
+        let mut results: Vec<FanResult> = Vec::with_capacity(config.fans);
+        for spec in &specs {
+            let bytes = std::fs::read(with_ext(spec, "results"))
+                .with_context(|| format!("reading {}", with_ext(spec, "results").display()))?;
+            results.extend(serde_json::from_slice::<Vec<FanResult>>(&bytes)?);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let wall_secs = crowd::instant_of(start_ms).elapsed().as_secs_f64();
+        crowd::report(&client, &config, event, results, wall_secs).await
+    }
+
+    /// A worker: runs its share of the fans, publishing progress, then writes their outcomes.
+    pub async fn work(spec_path: &Path) -> anyhow::Result<()> {
+        let spec: Spec = serde_json::from_slice(&std::fs::read(spec_path)?)?;
+        let client = Client::from_source(spec.config.endpoints.clone(), spec.source)?;
+        let progress = Arc::new(Progress::default());
+        let reporter = {
+            let (progress, path) = (progress.clone(), with_ext(spec_path, "progress"));
+            tokio::spawn(async move {
+                loop {
+                    let _ = publish(&path, &progress.snapshot());
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+        };
+        let results = crowd::run_fans(
+            &client,
+            &spec.config,
+            spec.event,
+            spec.first..spec.end,
+            spec.start_ms,
+            &progress,
+        )
+        .await?;
+        reporter.abort();
+        publish(&with_ext(spec_path, "progress"), &progress.snapshot())?;
+        publish(&with_ext(spec_path, "results"), &results)
+    }
+}
+
 fn print_summary(r: &crowd::Report) {
     println!("== crowd report: event {} ==", r.event_id);
     println!(
@@ -163,6 +366,14 @@ fn print_summary(r: &crowd::Report) {
     println!(
         "joined after the draw {}  left the line {}  misbehaving {}",
         r.live_arrivals, r.left, r.misbehaving
+    );
+    println!(
+        "bought best available {}  specific seats {}  standing {}",
+        r.bought_best_available, r.bought_specific, r.bought_standing
+    );
+    println!(
+        "never claimed their pass {}  let their hold expire {}  retried checkout {}",
+        r.no_shows, r.abandoned_holds, r.retried_checkouts
     );
     println!(
         "admission rate: configured {}/min, achieved {:.0}/min",

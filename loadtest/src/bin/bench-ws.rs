@@ -239,25 +239,11 @@ async fn worker(args: Args, index: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+use fairgate_loadtest::client::Socket;
 
 /// A websocket to `url` from `source`, with small buffers (as a browser's would be).
 async fn open(url: &str, source: Ipv4Addr) -> anyhow::Result<Socket> {
-    let authority = url
-        .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
-        .context("a ws:// URL")?;
-    let addr: SocketAddr = authority.parse()?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::from((source, 0)))?;
-    let stream = socket.connect(addr).await?;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(64 * 1024));
-    let (socket, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
-    Ok(socket)
+    fairgate_loadtest::client::open_ws(url, Some(source)).await
 }
 
 // ---------------------------------------------------------------------------------------------
