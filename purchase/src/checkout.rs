@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -23,7 +23,6 @@ use uuid::Uuid;
 
 use crate::passgate::Pass;
 use crate::payments::ChargeOutcome;
-use crate::seats::lock_seats;
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -130,17 +129,34 @@ async fn checkout(
     let hash =
         sha2::Sha256::digest(serde_json::to_vec(&request).map_err(ApiError::internal)?).to_vec();
 
-    // A retry of a known key is answered from what the first attempt stored.
-    if let Some(response) = replay(&state, &buyer, &key, &hash).await? {
-        return Ok(response);
+    let (hold, payment_key, total) = match begin(&state, &buyer, &key, &hash, &request).await? {
+        Begun::Answer(response) => return Ok(response),
+        Begun::Claimed {
+            hold,
+            payment_key,
+            total,
+        } => (hold, payment_key, total),
+    };
+    let result =
+        charge_and_commit(&state, &buyer, &key, &request, &hold, &payment_key, total).await;
+    // Whatever did not end in a purchase gives the hold back (it still expires on time).
+    let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
+    if !settled {
+        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
+            .bind(request.hold_id)
+            .execute(&state.pg)
+            .await?;
     }
-    match run(&state, &buyer, &key, &hash, &request).await? {
-        Some(done) => Ok(answer(&state, done.status, done.body)),
-        // Another request with this key claimed it first.
-        None => replay(&state, &buyer, &key, &hash)
-            .await?
-            .ok_or_else(|| ApiError::internal("a claimed checkout key vanished")),
+    if result.is_err() {
+        // Nothing was charged or sold: free the key so a retry runs again.
+        sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
+            .bind(buyer.jti)
+            .bind(&key)
+            .execute(&state.pg)
+            .await?;
     }
+    let done = result?;
+    Ok(answer(&state, done.status, done.body))
 }
 
 /// A checkout's answer as the client gets it: a completed order also carries the fan's
@@ -162,194 +178,110 @@ fn answer(state: &AppState, status: StatusCode, mut body: serde_json::Value) -> 
     (status, axum::Json(body)).into_response()
 }
 
-/// A checkout key's row: request hash, state, and the stored answer once done.
-type StoredCheckout = (Vec<u8>, String, Option<i32>, Option<serde_json::Value>);
-
-/// The answer to a key already used: its stored answer, 409 while it runs, 422 with another
-/// body; `None` for a key not used yet.
-async fn replay(
-    state: &AppState,
-    buyer: &Buyer,
-    key: &str,
-    hash: &[u8],
-) -> Result<Option<Response>, ApiError> {
-    let stored: Option<StoredCheckout> = sqlx::query_as(
-        "SELECT request_hash, state, status_code, response FROM checkout_requests
-             WHERE jti = $1 AND idempotency_key = $2",
-    )
-    .bind(buyer.jti)
-    .bind(key)
-    .fetch_optional(&state.pg)
-    .await?;
-    let Some((stored_hash, run_state, status, body)) = stored else {
-        return Ok(None);
-    };
-    if stored_hash != hash {
-        return Err(ApiError::Unprocessable(
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request body".into(),
-        ));
-    }
-    match (run_state.as_str(), status, body) {
-        ("done", Some(status), Some(body)) => {
-            let status = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
-            Ok(Some(answer(state, status, body)))
-        }
-        _ => Err(ApiError::Conflict(
-            "checkout_in_progress",
-            "a checkout with this Idempotency-Key is still running; retry shortly".into(),
-        )),
-    }
-}
-
 #[derive(sqlx::FromRow)]
 pub(crate) struct HoldRow {
-    pub jti: Uuid,
     pub seat_ids: Vec<i64>,
 }
 
-/// Runs a claimed checkout. `Err` means nothing happened (the key is freed); `Ok` is the final
-/// answer, already stored for retries when it follows a charge attempt.
-async fn run(
+/// How a checkout starts: with the answer a used key already has, or claimed for this request.
+enum Begun {
+    Answer(Response),
+    Claimed {
+        hold: HoldRow,
+        payment_key: String,
+        total: i64,
+    },
+}
+
+/// What `fg_checkout_begin` (migration 0013) answers.
+#[derive(sqlx::FromRow)]
+struct BeginOutcome {
+    code: String,
+    status_code: Option<i32>,
+    response: Option<serde_json::Value>,
+    seat_ids: Option<Vec<i64>>,
+    total_cents: Option<i64>,
+    detail: Option<String>,
+}
+
+/// One round trip: a key already used answers with its stored answer (409 while it runs, 422
+/// with another body); otherwise one statement claims the key and the hold for this checkout and
+/// records the payment about to be taken (the record reconciliation starts from). Nothing is
+/// charged unless all three stand. A concurrent claim of the same key waits on the key's primary
+/// key until the first commits, then answers as that one left it.
+async fn begin(
     state: &AppState,
     buyer: &Buyer,
     key: &str,
     hash: &[u8],
     request: &CheckoutRequest,
-) -> Result<Option<Final>, ApiError> {
-    let (hold, used): (Option<HoldRow>, bool) = {
-        let row: Option<(Uuid, Vec<i64>, bool)> = sqlx::query_as(
-            "SELECT h.jti, h.seat_ids, EXISTS (SELECT 1 FROM orders o WHERE o.jti = h.jti)
-             FROM holds h WHERE h.id = $1 AND h.event_id = $2",
-        )
-        .bind(request.hold_id)
-        .bind(buyer.event.get())
-        .fetch_optional(&state.pg)
-        .await?;
-        match row {
-            Some((jti, seat_ids, used)) => (Some(HoldRow { jti, seat_ids }), used),
-            None => (None, false),
-        }
-    };
-    let hold = hold
-        .filter(|h| h.jti == buyer.jti)
-        .ok_or_else(|| ApiError::NotFound("hold_not_found", "this pass has no such hold".into()))?;
-    if used {
-        return Err(ApiError::Conflict(
-            "pass_used",
-            "this pass has already been used for a purchase".into(),
-        ));
-    }
-    let Some((payment_key, total)) = begin_payment(state, buyer, key, hash, request, &hold).await?
-    else {
-        return Ok(None);
-    };
-    let result = charge_and_commit(state, buyer, key, request, &hold, &payment_key, total).await;
-    // Whatever did not end in a purchase gives the hold back (it still expires on time).
-    let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
-    if !settled {
-        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
-            .bind(request.hold_id)
-            .execute(&state.pg)
-            .await?;
-    }
-    if result.is_err() {
-        // Nothing was charged or sold: free the key so a retry runs again.
-        sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
+) -> Result<Begun, ApiError> {
+    let payment_key = format!("{}:{key}", buyer.jti);
+    let outcome: BeginOutcome =
+        sqlx::query_as("SELECT * FROM fg_checkout_begin($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(buyer.event.get())
             .bind(buyer.jti)
             .bind(key)
-            .execute(&state.pg)
+            .bind(hash)
+            .bind(request.hold_id)
+            .bind(&payment_key)
+            .bind(state.payments.name())
+            .bind(&buyer.identity)
+            .bind(buyer.ticket.0)
+            .fetch_one(&state.pg)
             .await?;
-    }
-    result.map(Some)
-}
-
-/// Marks the hold as being paid for, so a second checkout of the same hold (another key, a
-/// second tab) is refused before it can charge the card again.
-async fn claim_hold(tx: &mut sqlx::PgConnection, hold_id: Uuid) -> Result<(), ApiError> {
-    let claimed = sqlx::query(
-        "UPDATE holds SET status = 'paying'
-         WHERE id = $1 AND status = 'active' AND expires_at > now()",
-    )
-    .bind(hold_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if claimed {
-        return Ok(());
-    }
-    let status: String = sqlx::query_scalar("SELECT status FROM holds WHERE id = $1")
-        .bind(hold_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    Err(match status.as_str() {
-        "paying" => ApiError::Conflict(
+    match outcome.code.as_str() {
+        "claimed" => {
+            let (Some(seat_ids), Some(total)) = (outcome.seat_ids, outcome.total_cents) else {
+                return Err(ApiError::internal(
+                    "fg_checkout_begin claimed without a hold",
+                ));
+            };
+            Ok(Begun::Claimed {
+                hold: HoldRow { seat_ids },
+                payment_key,
+                total,
+            })
+        }
+        "replay" => {
+            let (Some(status), Some(body)) = (outcome.status_code, outcome.response) else {
+                return Err(ApiError::internal("fg_checkout_begin replayed no answer"));
+            };
+            let status = StatusCode::from_u16(status as u16).map_err(ApiError::internal)?;
+            Ok(Begun::Answer(answer(state, status, body)))
+        }
+        "key_reused" => Err(ApiError::Unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request body".into(),
+        )),
+        "key_running" => Err(ApiError::Conflict(
+            "checkout_in_progress",
+            "a checkout with this Idempotency-Key is still running; retry shortly".into(),
+        )),
+        "hold_not_found" => Err(ApiError::NotFound(
+            "hold_not_found",
+            "this pass has no such hold".into(),
+        )),
+        "pass_used" => Err(ApiError::Conflict(
+            "pass_used",
+            "this pass has already been used for a purchase".into(),
+        )),
+        "hold_paying" => Err(ApiError::Conflict(
             "checkout_in_progress",
             "this hold is already being paid for".into(),
-        ),
-        "active" => ApiError::Conflict(
+        )),
+        "hold_expired" => Err(ApiError::Conflict(
             "hold_expired",
             "this hold has expired; hold the seats again".into(),
-        ),
-        other => ApiError::Conflict("hold_not_active", format!("this hold was {other}")),
-    })
-}
-
-/// One transaction claims the idempotency key and the hold for this checkout and records the
-/// payment about to be taken (the record reconciliation starts from): nothing is charged
-/// unless all three stand. Returns the payment's idempotency key and amount, or `None` when
-/// another request with the same key claimed it first (a concurrent claim waits on the key's
-/// unique index until that one commits).
-async fn begin_payment(
-    state: &AppState,
-    buyer: &Buyer,
-    key: &str,
-    hash: &[u8],
-    request: &CheckoutRequest,
-    hold: &HoldRow,
-) -> Result<Option<(String, i64)>, ApiError> {
-    let mut tx = state.pg.begin().await?;
-    let claimed = sqlx::query(
-        "INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
-         VALUES ($1, $2, $3, 'running') ON CONFLICT DO NOTHING",
-    )
-    .bind(buyer.jti)
-    .bind(key)
-    .bind(hash)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !claimed {
-        return Ok(None);
+        )),
+        "hold_not_active" => Err(ApiError::Conflict(
+            "hold_not_active",
+            format!("this hold was {}", outcome.detail.unwrap_or_default()),
+        )),
+        other => Err(ApiError::internal(format!(
+            "fg_checkout_begin answered {other:?}"
+        ))),
     }
-    claim_hold(&mut tx, request.hold_id).await?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(price_cents), 0)::bigint FROM seats WHERE id = ANY($1)",
-    )
-    .bind(&hold.seat_ids)
-    .fetch_one(&mut *tx)
-    .await?;
-    let payment_key = format!("{}:{key}", buyer.jti);
-    sqlx::query(
-        "INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
-                               identity, ticket_id, hold_id, checkout_key)
-         VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
-    )
-    .bind(&payment_key)
-    .bind(state.payments.name())
-    .bind(total)
-    .bind(buyer.event.get())
-    .bind(buyer.jti)
-    .bind(&buyer.identity)
-    .bind(buyer.ticket.0)
-    .bind(request.hold_id)
-    .bind(key)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Some((payment_key, total)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -500,6 +432,11 @@ async fn store<'e>(
     Ok(())
 }
 
+/// Sells the hold's seats in one round trip (`fg_commit_order`, migration 0013): if the hold
+/// still owns every seat (locked in id order), the seats, the order with its tickets, the
+/// answer stored for retries, the outbox row, the settled payment and the sold-out mark are
+/// written in one autocommitted statement. Returns the answer and whether this sold the last
+/// place.
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &AppState,
@@ -511,38 +448,50 @@ async fn commit(
     payment_key: &str,
     reference: &str,
 ) -> Result<(Final, bool), ApiError> {
-    let mut tx = state.pg.begin().await?;
-    let seats = lock_seats(&mut tx, None, &hold.seat_ids).await?;
-    let now = Utc::now();
-    let still_ours = seats.len() == hold.seat_ids.len()
-        && seats.iter().all(|s| {
-            s.status == "held"
-                && s.hold_id == Some(hold_id)
-                && s.held_until.is_some_and(|t| t > now)
-        });
-    if !still_ours {
-        return Err(ApiError::Conflict(
-            "hold_expired",
-            "the hold expired before payment completed; the charge was refunded".into(),
-        ));
-    }
-    sqlx::query("UPDATE seats SET status = 'sold', held_until = NULL WHERE id = ANY($1)")
-        .bind(&hold.seat_ids)
-        .execute(&mut *tx)
-        .await?;
     let order_id = Uuid::new_v4();
-    let created_at: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO orders (id, event_id, jti, identity, hold_id, total_cents, payment_ref)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING created_at",
+    // Whole microseconds, as Postgres keeps them: the answer matches the stored order.
+    let created_at = Utc::now().trunc_subsecs(6);
+    let mut seat_ids = hold.seat_ids.clone();
+    seat_ids.sort_unstable();
+    let codes: Vec<String> = seat_ids.iter().map(|_| ticket_code()).collect();
+    let view = OrderView {
+        order_id,
+        event_id: buyer.event.get(),
+        hold_id,
+        status: "paid".into(),
+        total_cents: total,
+        payment_ref: reference.to_owned(),
+        tickets: codes
+            .iter()
+            .zip(seat_ids.iter())
+            .map(|(code, seat_id)| TicketView {
+                code: code.clone(),
+                seat_id: *seat_id,
+            })
+            .collect(),
+        created_at,
+    };
+    let done = Final {
+        status: StatusCode::CREATED,
+        body: serde_json::to_value(&view).map_err(ApiError::internal)?,
+    };
+    let (code, sold_out): (String, bool) = sqlx::query_as(
+        "SELECT * FROM fg_commit_order($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
-    .bind(order_id)
     .bind(buyer.event.get())
     .bind(buyer.jti)
     .bind(&buyer.identity)
     .bind(hold_id)
+    .bind(&seat_ids)
     .bind(total)
     .bind(reference)
-    .fetch_one(&mut *tx)
+    .bind(order_id)
+    .bind(created_at)
+    .bind(&codes)
+    .bind(key)
+    .bind(&done.body)
+    .bind(payment_key)
+    .fetch_one(&state.pg)
     .await
     .map_err(|e| match violated_constraint(&e) {
         Some("orders_one_per_pass") => ApiError::Conflict(
@@ -555,74 +504,16 @@ async fn commit(
         ),
         _ => ApiError::from(e),
     })?;
-    let seat_ids: Vec<i64> = seats.iter().map(|s| s.id).collect();
-    let codes: Vec<String> = seat_ids.iter().map(|_| ticket_code()).collect();
-    sqlx::query(
-        "INSERT INTO tickets (code, order_id, seat_id)
-         SELECT code, $1, seat_id FROM UNNEST($2::text[], $3::bigint[]) AS t(code, seat_id)",
-    )
-    .bind(order_id)
-    .bind(&codes)
-    .bind(&seat_ids)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("UPDATE holds SET status = 'purchased' WHERE id = $1")
-        .bind(hold_id)
-        .execute(&mut *tx)
-        .await?;
-    let view = OrderView {
-        order_id,
-        event_id: buyer.event.get(),
-        hold_id,
-        status: "paid".into(),
-        total_cents: total,
-        payment_ref: reference.to_owned(),
-        tickets: codes
-            .into_iter()
-            .zip(seat_ids.iter())
-            .map(|(code, seat_id)| TicketView {
-                code,
-                seat_id: *seat_id,
-            })
-            .collect(),
-        created_at,
-    };
-    let done = Final {
-        status: StatusCode::CREATED,
-        body: serde_json::to_value(&view).map_err(ApiError::internal)?,
-    };
-    store(&mut *tx, buyer, key, &done).await?;
-    sqlx::query(
-        "INSERT INTO outbox (event_id, identity, order_id, kind, payload)
-         VALUES ($1, $2, $3, 'order_confirmed', $4)",
-    )
-    .bind(buyer.event.get())
-    .bind(&buyer.identity)
-    .bind(order_id)
-    .bind(&done.body)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "UPDATE payments SET status = 'succeeded', provider_ref = $2, settled_at = now()
-         WHERE idempotency_key = $1",
-    )
-    .bind(payment_key)
-    .bind(reference)
-    .execute(&mut *tx)
-    .await?;
-    // The last seat sold: from now on the line is closed (the buffer answers 410).
-    let sold_out = sqlx::query(
-        "UPDATE events SET sold_out_at = now()
-         WHERE id = $1 AND sold_out_at IS NULL AND NOT EXISTS (
-             SELECT 1 FROM seats WHERE event_id = $1 AND status IN ('available', 'held'))",
-    )
-    .bind(buyer.event.get())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    tx.commit().await?;
-    Ok((done, sold_out))
+    match code.as_str() {
+        "ordered" => Ok((done, sold_out)),
+        "hold_expired" => Err(ApiError::Conflict(
+            "hold_expired",
+            "the hold expired before payment completed; the charge was refunded".into(),
+        )),
+        other => Err(ApiError::internal(format!(
+            "fg_commit_order answered {other:?}"
+        ))),
+    }
 }
 
 /// An unguessable ticket code: 128 random bits in hex.

@@ -90,7 +90,7 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
             ticket: TicketId(ticket),
             identity,
         };
-        let hold = sqlx::query_as::<_, HoldRow>("SELECT jti, seat_ids FROM holds WHERE id = $1")
+        let hold = sqlx::query_as::<_, HoldRow>("SELECT seat_ids FROM holds WHERE id = $1")
             .bind(hold_id)
             .fetch_one(&state.pg)
             .await?;

@@ -4,14 +4,13 @@
 //! for `hold_ttl_secs`. Expired holds come back by themselves: every check treats a seat whose
 //! `held_until` has passed as free, and a sweeper resets such rows.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use shared::extract::{Json, Path};
 use shared::ids::EventId;
@@ -127,53 +126,6 @@ impl HoldRequest {
     }
 }
 
-/// Picks and locks `quantity` free places of a general-admission ticket type. `SKIP LOCKED`
-/// lets concurrent holds take different rows instead of queueing on the same ones, so there is
-/// no hot counter row; rows are locked in id order like every other hold.
-async fn pick_general(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    event: EventId,
-    ticket_type: &str,
-    quantity: i64,
-    previous: &[Uuid],
-) -> Result<Vec<i64>, ApiError> {
-    let picked: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM seats
-         WHERE event_id = $1 AND section = $2 AND admission = 'general' AND status <> 'sold'
-           AND (status = 'available' OR held_until < now() OR hold_id = ANY($4))
-         ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(event.get())
-    .bind(ticket_type)
-    .bind(quantity)
-    .bind(previous)
-    .fetch_all(&mut **tx)
-    .await?;
-    if picked.len() as i64 == quantity {
-        return Ok(picked);
-    }
-    let (exists, left): (bool, i64) = sqlx::query_as(
-        "SELECT count(*) > 0,
-                count(*) FILTER (WHERE status = 'available'
-                                 OR (status = 'held' AND held_until < now()))
-         FROM seats WHERE event_id = $1 AND section = $2 AND admission = 'general'",
-    )
-    .bind(event.get())
-    .bind(ticket_type)
-    .fetch_one(&mut **tx)
-    .await?;
-    if !exists {
-        return Err(ApiError::NotFound(
-            "ticket_type_not_found",
-            format!("this event has no general-admission ticket type {ticket_type:?}"),
-        ));
-    }
-    Err(ApiError::Conflict(
-        "not_enough_places",
-        format!("{ticket_type}: {quantity} wanted, {left} left (others may be mid-purchase)"),
-    ))
-}
-
 #[derive(Debug, Deserialize, Serialize)]
 pub struct HoldView {
     pub hold_id: Uuid,
@@ -182,27 +134,15 @@ pub struct HoldView {
     pub total_cents: i64,
 }
 
-/// A seat row locked for update.
-#[derive(sqlx::FromRow)]
-pub(crate) struct LockedSeat {
-    pub id: i64,
-    pub status: String,
-    pub hold_id: Option<Uuid>,
-    pub held_until: Option<DateTime<Utc>>,
-    pub price_cents: i64,
-    pub admission: String,
-}
-
 /// Locks the given seats (of `event`, if given) in id order, the one order every transaction
-/// uses, so two of them never deadlock.
+/// uses, so two of them never deadlock. Returns the ids locked.
 pub(crate) async fn lock_seats(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     event: Option<EventId>,
     seat_ids: &[i64],
-) -> Result<Vec<LockedSeat>, ApiError> {
-    Ok(sqlx::query_as::<_, LockedSeat>(
-        "SELECT id, status, hold_id, held_until, price_cents, admission FROM seats
-         WHERE id = ANY($2) AND ($1::bigint IS NULL OR event_id = $1)
+) -> Result<Vec<i64>, ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM seats WHERE id = ANY($2) AND ($1::bigint IS NULL OR event_id = $1)
          ORDER BY id FOR UPDATE",
     )
     .bind(event.map(EventId::get))
@@ -211,21 +151,19 @@ pub(crate) async fn lock_seats(
     .await?)
 }
 
-/// Refuses a pass whose checkout already completed: it has bought what it may buy.
-pub async fn ensure_pass_unused(state: &AppState, jti: Uuid) -> Result<(), ApiError> {
-    let used: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE jti = $1)")
-        .bind(jti)
-        .fetch_one(&state.pg)
-        .await?;
-    if used {
-        return Err(ApiError::Conflict(
-            "pass_used",
-            "this pass has already been used for a purchase".into(),
-        ));
-    }
-    Ok(())
+/// What `fg_hold` (migration 0013) answers.
+#[derive(sqlx::FromRow)]
+struct HoldOutcome {
+    code: String,
+    seat_ids: Option<Vec<i64>>,
+    freed: Option<Vec<i64>>,
+    total_cents: Option<i64>,
+    detail: Option<String>,
 }
 
+/// Takes the hold in one round trip: `fg_hold` locks the seats in id order, checks them and
+/// replaces the pass's previous hold, all in one autocommitted statement (see migration 0013
+/// for the rules, the same as before it moved there).
 #[instrument(skip_all, fields(event = %pass.event))]
 async fn hold(
     State(state): State<AppState>,
@@ -233,98 +171,33 @@ async fn hold(
     Json(request): Json<HoldRequest>,
 ) -> Result<(StatusCode, Json<HoldView>), ApiError> {
     let wanted = request.wanted(pass.claims.lim as usize)?;
-    ensure_pass_unused(&state, pass.claims.jti).await?;
-
-    let mut tx = state.pg.begin().await?;
-    let previous: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM holds WHERE jti = $1 AND status = 'active' FOR UPDATE")
-            .bind(pass.claims.jti)
-            .fetch_all(&mut *tx)
-            .await?;
-    let (seat_ids, general) = match wanted {
-        Wanted::Seats(ids) => (ids, false),
+    let (seat_ids, ticket_type, quantity) = match &wanted {
+        Wanted::Seats(ids) => (ids.as_slice(), None, None),
         Wanted::General {
             ticket_type,
             quantity,
-        } => (
-            pick_general(&mut tx, pass.event, &ticket_type, quantity, &previous).await?,
-            true,
-        ),
+        } => (&[][..], Some(ticket_type.as_str()), Some(*quantity as i32)),
     };
-    let seats = lock_seats(&mut tx, Some(pass.event), &seat_ids).await?;
-    if seats.len() != seat_ids.len() {
-        let found: HashSet<i64> = seats.iter().map(|s| s.id).collect();
-        let missing: Vec<i64> = seat_ids
-            .iter()
-            .copied()
-            .filter(|id| !found.contains(id))
-            .collect();
-        return Err(ApiError::NotFound(
-            "seat_not_found",
-            format!("no such seats in this event: {missing:?}"),
-        ));
-    }
-    if !general && seats.iter().any(|s| s.admission == "general") {
-        return Err(ApiError::Unprocessable(
-            "invalid_field",
-            "seat_ids: general-admission places are held by ticket_type and quantity".into(),
-        ));
-    }
-    let now = Utc::now();
-    let taken: Vec<i64> = seats
-        .iter()
-        .filter(|s| {
-            let free = s.status == "available"
-                || (s.status == "held"
-                    && (s.held_until.is_some_and(|t| t < now)
-                        || s.hold_id.is_some_and(|h| previous.contains(&h))));
-            !free
-        })
-        .map(|s| s.id)
-        .collect();
-    if !taken.is_empty() {
-        return Err(ApiError::Conflict(
-            "seat_unavailable",
-            format!("these seats are taken: {taken:?}"),
-        ));
-    }
-    // The new hold replaces this pass's previous one (in this transaction: if anything fails,
-    // the previous hold stands).
-    let mut freed: Vec<i64> = Vec::new();
-    if !previous.is_empty() {
-        freed = sqlx::query_scalar(
-            "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
-             WHERE hold_id = ANY($1) AND status = 'held' RETURNING id",
-        )
-        .bind(&previous)
-        .fetch_all(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE holds SET status = 'released' WHERE id = ANY($1)")
-            .bind(&previous)
-            .execute(&mut *tx)
-            .await?;
-    }
     let hold_id = Uuid::new_v4();
-    let expires_at = now + chrono::Duration::seconds(state.config.hold_ttl_secs as i64);
-    sqlx::query(
-        "UPDATE seats SET status = 'held', hold_id = $2, held_until = $3 WHERE id = ANY($1)",
-    )
-    .bind(&seat_ids)
-    .bind(hold_id)
-    .bind(expires_at)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO holds (id, event_id, jti, seat_ids, expires_at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(hold_id)
-    .bind(pass.event.get())
-    .bind(pass.claims.jti)
-    .bind(&seat_ids)
-    .bind(expires_at)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    // Whole microseconds, as Postgres keeps them: the answer matches what is stored.
+    let expires_at = (Utc::now() + chrono::Duration::seconds(state.config.hold_ttl_secs as i64))
+        .trunc_subsecs(6);
+    let outcome: HoldOutcome = sqlx::query_as("SELECT * FROM fg_hold($1, $2, $3, $4, $5, $6, $7)")
+        .bind(pass.event.get())
+        .bind(pass.claims.jti)
+        .bind(seat_ids)
+        .bind(ticket_type)
+        .bind(quantity)
+        .bind(hold_id)
+        .bind(expires_at)
+        .fetch_one(&state.pg)
+        .await?;
+    let detail = outcome.detail.unwrap_or_default();
+    let (Some(seat_ids), Some(mut freed), Some(total_cents)) =
+        (outcome.seat_ids, outcome.freed, outcome.total_cents)
+    else {
+        return Err(hold_refusal(&outcome.code, &detail, ticket_type, quantity));
+    };
     freed.retain(|id| !seat_ids.contains(id));
     crate::live::seats_changed(&state, pass.event, &freed, "available").await;
     crate::live::seats_changed(&state, pass.event, &seat_ids, "held").await;
@@ -333,11 +206,51 @@ async fn hold(
         StatusCode::CREATED,
         Json(HoldView {
             hold_id,
-            total_cents: seats.iter().map(|s| s.price_cents).sum(),
+            total_cents,
             seat_ids,
             expires_at,
         }),
     ))
+}
+
+/// The error for a hold `fg_hold` refused with `code`.
+fn hold_refusal(
+    code: &str,
+    detail: &str,
+    ticket_type: Option<&str>,
+    quantity: Option<i32>,
+) -> ApiError {
+    let ticket_type = ticket_type.unwrap_or_default();
+    match code {
+        "pass_used" => ApiError::Conflict(
+            "pass_used",
+            "this pass has already been used for a purchase".into(),
+        ),
+        "ticket_type_not_found" => ApiError::NotFound(
+            "ticket_type_not_found",
+            format!("this event has no general-admission ticket type {ticket_type:?}"),
+        ),
+        "not_enough_places" => ApiError::Conflict(
+            "not_enough_places",
+            format!(
+                "{ticket_type}: {} wanted, {detail} left (others may be mid-purchase)",
+                quantity.unwrap_or_default()
+            ),
+        ),
+        "seat_not_found" => ApiError::NotFound(
+            "seat_not_found",
+            format!("no such seats in this event: [{detail}]"),
+        ),
+        "general_by_quantity" => ApiError::Unprocessable(
+            "invalid_field",
+            "seat_ids: general-admission places are held by ticket_type and quantity".into(),
+        ),
+        "seat_unavailable" => ApiError::Conflict(
+            "seat_unavailable",
+            format!("these seats are taken: [{detail}]"),
+        ),
+        other => ApiError::internal(format!("fg_hold answered {other:?}")),
+    }
 }
 
 #[instrument(skip_all, fields(event = %pass.event))]

@@ -12,6 +12,7 @@ use shared::testing::TestEnv;
 use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
 use uuid::Uuid;
 
+mod bad_input;
 mod catalog;
 mod fan_refunds;
 mod live;
