@@ -27,6 +27,8 @@ MAX_ACTIVE="${MAX_ACTIVE:-400}"
 PASS_TTL="${PASS_TTL:-60}"
 # How long one fan may take from arrival to done before the crowd counts it as an error.
 FAN_TIMEOUT="${FAN_TIMEOUT:-1200}"
+# Seconds after the draw over which the late tenth of the crowd arrives.
+LATE_SECS="${LATE_SECS:-20}"
 # A rehearsal's holds last a minute, so seats of fans who walk away come back soon.
 export FAIRGATE_HOLD_TTL_SECS="${FAIRGATE_HOLD_TTL_SECS:-60}"
 OUT="$FG_ROOT/loadtest/out"
@@ -91,7 +93,7 @@ prim="$OUT/scale-$FANS-primitives.txt"
 
 fg_say "crowd: $FANS fans, $SEATS seats, presale ${PRESALE}s, admission $RATE/min, at most $MAX_ACTIVE shoppers"
 target/release/crowd --fans "$FANS" --seats "$SEATS" --presale-secs "$PRESALE" \
-  --rate-per-minute "$RATE" --max-active "$MAX_ACTIVE" --pass-ttl-secs "$PASS_TTL" --late-secs 20 --fan-timeout-secs "$FAN_TIMEOUT" \
+  --rate-per-minute "$RATE" --max-active "$MAX_ACTIVE" --pass-ttl-secs "$PASS_TTL" --late-secs "$LATE_SECS" --fan-timeout-secs "$FAN_TIMEOUT" \
   --buffer-url "http://$FAIRGATE_BUFFER_BIND" --queue-url "http://$FAIRGATE_QUEUE_BIND" \
   --purchase-url "http://$FAIRGATE_PURCHASE_BIND" \
   --json "$OUT/scale-$FANS.json" --html "$OUT/scale-$FANS.html" "$@"

@@ -156,10 +156,18 @@ async fn write_batches(
             Ok(rows) => answer(&signer, batch, rows),
             Err(e) => {
                 tracing::error!(error = %e, joins = batch.len(), "join batch failed");
+                // Postgres out of reach or overloaded (no connection within the pool's
+                // timeout): 503 with Retry-After, like any other request that cannot get one.
+                let unavailable = shared::error::is_unavailable_db(&e);
                 for pending in batch {
-                    let _ = pending
-                        .reply
-                        .send(Err(ApiError::internal("the join could not be recorded")));
+                    let _ = pending.reply.send(Err(if unavailable {
+                        ApiError::Unavailable(
+                            "unavailable",
+                            "the line cannot record joins right now; retry shortly".into(),
+                        )
+                    } else {
+                        ApiError::internal("the join could not be recorded")
+                    }));
                 }
             }
         }

@@ -122,7 +122,9 @@ impl ApiError {
     }
 }
 
-fn is_unavailable_db(e: &sqlx::Error) -> bool {
+/// Whether a database error means Postgres is out of reach or overloaded (retry later), not
+/// that the request was wrong or the code broken.
+pub fn is_unavailable_db(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
