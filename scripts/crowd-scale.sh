@@ -62,20 +62,21 @@ wait_ready() {
   done
   fg_die "$url did not become ready"
 }
-start() { # name, log suffix, extra env...
+# Not in a subshell (no `$(start …)`): the cleanup list must grow in this shell, or the
+# services would outlive the script.
+start() { # name, log suffix, extra env...; sets $pid
   local name="$1" log="$2"; shift 2
   env "$@" "target/release/$name" >"$FG_DATA/logs/scale-$name$log.log" 2>&1 &
-  local pid=$!
+  pid=$!
   FG_CLEANUP+=("kill -TERM $pid; wait $pid")
-  echo "$pid"
 }
-pid=$(start buffer "")
+start buffer ""
 wait_ready "http://$FAIRGATE_BUFFER_BIND" "$pid"
 for q in $(seq 1 "$QUEUES"); do
-  pid=$(start queue "-$q" FAIRGATE_REUSE_PORT=true FAIRGATE_DB_MAX_CONNECTIONS=4)
+  start queue "-$q" FAIRGATE_REUSE_PORT=true FAIRGATE_DB_MAX_CONNECTIONS=4
 done
 wait_ready "http://$FAIRGATE_QUEUE_BIND" "$pid"
-pid=$(start purchase "")
+start purchase ""
 wait_ready "http://$FAIRGATE_PURCHASE_BIND" "$pid"
 fg_say "services up: buffer, $QUEUES queue instances on one port, purchase"
 

@@ -46,6 +46,15 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_WS_PING_SECS", default_value_t = 20)]
     pub ws_ping_secs: u64,
 
+    /// Shortest time between two position updates to one waiter, in milliseconds (the front
+    /// of the line). Each fan ahead adds 2 ms, up to `--ws-update-max-ms`.
+    #[arg(long, env = "FAIRGATE_WS_UPDATE_MIN_MS", default_value_t = 500)]
+    pub ws_update_min_ms: u64,
+
+    /// Longest time between two position updates to one waiter, in milliseconds (far back).
+    #[arg(long, env = "FAIRGATE_WS_UPDATE_MAX_MS", default_value_t = 20_000)]
+    pub ws_update_max_ms: u64,
+
     /// Operator API tokens as `name:token` pairs, comma-separated (tokens of 16+ characters);
     /// the name is what the audit trail records. Unset disables the operator API.
     #[arg(long, env = "FAIRGATE_OPERATOR_TOKENS", hide_env_values = true)]
@@ -61,7 +70,25 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
+/// Milliseconds each fan ahead adds to a waiter's update interval.
+const UPDATE_MS_PER_FAN_AHEAD: u64 = 2;
+
 impl Config {
+    /// How long a waiter at `position` waits between two position updates: the further back,
+    /// the longer, between `ws_update_min_ms` and `ws_update_max_ms`.
+    pub fn update_interval(
+        &self,
+        queue: &crate::hub::QueueState,
+        position: Option<shared::ids::Position>,
+    ) -> std::time::Duration {
+        let ahead = position.map_or(0, |p| (p.get() - queue.head - 1).max(0)) as u64;
+        let ms = ahead.saturating_mul(UPDATE_MS_PER_FAN_AHEAD).clamp(
+            self.ws_update_min_ms,
+            self.ws_update_max_ms.max(self.ws_update_min_ms),
+        );
+        std::time::Duration::from_millis(ms)
+    }
+
     /// Where an admitted fan goes next, `{event}` still to be replaced.
     pub fn next_page(&self) -> String {
         match &self.next_page_url {
@@ -71,5 +98,36 @@ impl Config {
                 self.common.web.purchase_public_url.trim_end_matches('/')
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::QueueState;
+    use shared::ids::Position;
+    use std::time::Duration;
+
+    #[test]
+    fn waiters_further_back_are_updated_less_often() {
+        let config = Config::parse_from(["queue"]);
+        let queue = QueueState {
+            head: 1_000,
+            ..QueueState::default()
+        };
+        let at = |p: i64| config.update_interval(&queue, Position::new(p));
+        assert_eq!(at(1_001), Duration::from_millis(500), "next in line");
+        assert_eq!(at(1_400), Duration::from_millis(798));
+        assert_eq!(at(6_001), Duration::from_secs(10));
+        assert_eq!(
+            at(101_000),
+            Duration::from_secs(20),
+            "far back: the ceiling"
+        );
+        assert_eq!(
+            config.update_interval(&queue, None),
+            Duration::from_millis(500),
+            "no place yet"
+        );
     }
 }

@@ -2,6 +2,12 @@
 //! change of the event's queue state the fan gets a JSON status (phase, position, fans ahead,
 //! serving head, rate, ETA with a range); at their turn, the pass; pings keep the line alive.
 //! The socket's numbers come from the instance's `watch` channel: no Redis call per update.
+//!
+//! Position updates are paced by how far back the fan is (`Config::update_interval`): the front
+//! of the line hears every move within half a second, a fan 100,000 places back every 20 s. With
+//! 200,000 waiters and a head that moves several times a second, an update to everyone on every
+//! move would be millions of messages a second; paced, it is about ten thousand. The pass, sold
+//! out, the draw, a pause, an operator's message and a new rate go out at once.
 
 use std::time::Duration;
 
@@ -160,6 +166,9 @@ async fn wait(
     let mut ping = tokio::time::interval(Duration::from_secs(state.config.ws_ping_secs.max(1)));
     ping.tick().await;
     let mut dirty = true;
+    // The last status sent, and whether a newer one waits for the waiter's update interval.
+    let mut sent: Option<(tokio::time::Instant, QueueState)> = None;
+    let mut deferred = false;
     loop {
         if dirty {
             dirty = false;
@@ -192,10 +201,27 @@ async fn wait(
                 }
                 return Ok(());
             }
-            sink.send(text(&status(&event, &snapshot, position))?)
-                .await?;
+            let now = tokio::time::Instant::now();
+            let due = match &sent {
+                None => true,
+                Some((at, last)) => {
+                    noticeable(last, &snapshot)
+                        || now >= *at + state.config.update_interval(&snapshot, position)
+                }
+            };
+            deferred = !due;
+            if due {
+                sink.send(text(&status(&event, &snapshot, position))?)
+                    .await?;
+                sent = Some((now, snapshot));
+            }
         }
+        let next_update = match (&sent, deferred) {
+            (Some((at, last)), true) => Some(*at + state.config.update_interval(last, position)),
+            _ => None,
+        };
         tokio::select! {
+            _ = sleep_until(next_update), if next_update.is_some() => dirty = true,
             _ = state.shutdown.cancelled() => {
                 let _ = sink.send(close(1001, "server shutting down; reconnect")).await;
                 return Ok(());
@@ -214,6 +240,21 @@ async fn wait(
             _ = ping.tick() => sink.send(Message::Ping(Default::default())).await?,
         }
     }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A change every waiter must see at once, whatever their update interval: the draw, a pause or
+/// resume, an operator's message or a new rate.
+fn noticeable(last: &QueueState, now: &QueueState) -> bool {
+    last.drawn != now.drawn
+        || last.paused != now.paused
+        || last.message != now.message
+        || last.rate_per_minute != now.rate_per_minute
 }
 
 fn text(message: &ServerMessage) -> anyhow::Result<Message> {

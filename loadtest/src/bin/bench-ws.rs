@@ -522,6 +522,9 @@ async fn parent(args: Args) -> anyhow::Result<()> {
                 .env("FAIRGATE_SIGNING_KEY", &key)
                 .env("FAIRGATE_MAX_WEBSOCKETS", per_instance.to_string())
                 .env("FAIRGATE_DB_MAX_CONNECTIONS", "4")
+                // Every head move to every waiter at once: the raw fan-out, not the pacing.
+                .env("FAIRGATE_WS_UPDATE_MIN_MS", "0")
+                .env("FAIRGATE_WS_UPDATE_MAX_MS", "0")
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
