@@ -89,6 +89,28 @@ impl Config {
         std::time::Duration::from_millis(ms)
     }
 
+    /// How long a waiter at `position` may sleep hearing only notices (the draw, a pause, a
+    /// message, the rate, sold out), not every move of the line: until its next paced update,
+    /// and at most half the shortest time its turn can take at the current rate (the head moves
+    /// at most at the rate), so nobody learns of their turn late. `None` near the front, or
+    /// without a place yet: the waiter follows every change, paced by `update_interval`.
+    pub fn quiet_for(
+        &self,
+        queue: &crate::hub::QueueState,
+        position: Option<shared::ids::Position>,
+    ) -> Option<std::time::Duration> {
+        let p = position.filter(|_| queue.drawn)?;
+        let interval = self.update_interval(queue, position);
+        let quiet = if queue.paused {
+            interval
+        } else {
+            let ahead = (p.get() - queue.head - 1).max(0) as u64;
+            let turn_ms = ahead.saturating_mul(60_000) / queue.rate_per_minute.max(1) as u64;
+            interval.min(std::time::Duration::from_millis(turn_ms / 2))
+        };
+        (quiet > std::time::Duration::from_millis(self.ws_update_min_ms)).then_some(quiet)
+    }
+
     /// Where an admitted fan goes next, `{event}` still to be replaced.
     pub fn next_page(&self) -> String {
         match &self.next_page_url {
@@ -129,5 +151,57 @@ mod tests {
             Duration::from_millis(500),
             "no place yet"
         );
+    }
+
+    #[test]
+    fn far_waiters_sleep_but_never_past_half_their_shortest_wait() {
+        let config = Config::parse_from(["queue"]);
+        let queue = QueueState {
+            drawn: true,
+            head: 1_000,
+            rate_per_minute: 6_000,
+            ..QueueState::default()
+        };
+        let quiet = |q: &QueueState, p: i64| config.quiet_for(q, Position::new(p));
+        assert_eq!(
+            quiet(&queue, 1_001),
+            None,
+            "next in line follows every move"
+        );
+        assert_eq!(
+            quiet(&queue, 1_200),
+            None,
+            "199 ahead: paced at the floor, follows"
+        );
+        assert_eq!(quiet(&queue, 1_300), Some(Duration::from_millis(598)));
+        // 5,000 ahead: paced every 10 s, but the turn can come in 50 s: sleeps 10 s.
+        assert_eq!(quiet(&queue, 6_001), Some(Duration::from_secs(10)));
+        // At 600,000/min the same fan could be in within 0.5 s: follows every move.
+        let fast = QueueState {
+            rate_per_minute: 600_000,
+            ..queue.clone()
+        };
+        assert_eq!(quiet(&fast, 6_001), None);
+        // At 60,000/min (1,000/s) the turn is 5 s away: sleeps at most 2.5 s.
+        let brisk = QueueState {
+            rate_per_minute: 60_000,
+            ..queue.clone()
+        };
+        assert_eq!(quiet(&brisk, 6_001), Some(Duration::from_millis(2_500)));
+        let paused = QueueState {
+            paused: true,
+            ..brisk.clone()
+        };
+        assert_eq!(
+            quiet(&paused, 6_001),
+            Some(Duration::from_secs(10)),
+            "paused: the resume is a notice"
+        );
+        let undrawn = QueueState {
+            drawn: false,
+            ..queue.clone()
+        };
+        assert_eq!(quiet(&undrawn, 6_001), None, "before the draw");
+        assert_eq!(config.quiet_for(&queue, None), None, "no place yet");
     }
 }

@@ -2,6 +2,11 @@
 //! fed by one Redis pub/sub subscription for the whole instance (fast path) and a periodic
 //! re-read of the event's counters (so a missed message costs at most one refresh interval).
 //! Waiters only read their event's channel: an update costs O(1) Redis work per instance.
+//!
+//! Besides the full state, each event has a second channel carrying only what every waiter must
+//! hear at once (`Notice`: the draw, a pause, a message, the rate, sold out). A waiter far back
+//! listens only to that one and sleeps until its next paced update, so the head moving, a late
+//! arrival or a shopper finishing wakes the few waiters near the front, not all 200,000.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -63,6 +68,49 @@ impl QueueState {
     }
 }
 
+/// The part of an event's state that every waiter must see at once, whatever their update
+/// interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Notice {
+    pub drawn: bool,
+    pub paused: bool,
+    pub message: Option<String>,
+    pub rate_per_minute: i64,
+    pub sold_out: bool,
+}
+
+impl Notice {
+    pub fn of(state: &QueueState) -> Self {
+        Notice {
+            drawn: state.drawn,
+            paused: state.paused,
+            message: state.message.clone(),
+            rate_per_minute: state.rate_per_minute,
+            sold_out: state.sold_out,
+        }
+    }
+}
+
+/// A waiter's view of its event: the full state (changes often) and the notices (rarely).
+pub struct Watch {
+    pub state: watch::Receiver<QueueState>,
+    pub notices: watch::Receiver<Notice>,
+}
+
+struct Channels {
+    state: watch::Sender<QueueState>,
+    notices: watch::Sender<Notice>,
+}
+
+impl Channels {
+    fn subscribe(&self) -> Watch {
+        Watch {
+            state: self.state.subscribe(),
+            notices: self.notices.subscribe(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<HubInner>,
@@ -71,7 +119,7 @@ pub struct Hub {
 struct HubInner {
     redis: Redis,
     pg: PgPool,
-    events: Mutex<HashMap<EventId, watch::Sender<QueueState>>>,
+    events: Mutex<HashMap<EventId, Channels>>,
     sockets: Mutex<Sockets>,
 }
 
@@ -102,18 +150,24 @@ impl Hub {
         }
     }
 
-    /// A receiver of `event`'s state, reading it from Redis first if no one here watched it.
-    pub async fn watch(&self, event: EventId) -> watch::Receiver<QueueState> {
+    /// Receivers of `event`'s state and notices, reading it from Redis first if no one here
+    /// watched it.
+    pub async fn watch(&self, event: EventId) -> Watch {
         let (receiver, fresh) = {
             let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
             match events.get(&event) {
-                Some(sender) => (sender.subscribe(), false),
+                Some(channels) => (channels.subscribe(), false),
                 None => {
-                    let (sender, receiver) = watch::channel(QueueState {
+                    let state = QueueState {
                         event_id: event.get(),
                         ..QueueState::default()
-                    });
-                    events.insert(event, sender);
+                    };
+                    let channels = Channels {
+                        notices: watch::channel(Notice::of(&state)).0,
+                        state: watch::channel(state).0,
+                    };
+                    let receiver = channels.subscribe();
+                    events.insert(event, channels);
                     (receiver, true)
                 }
             }
@@ -132,8 +186,9 @@ impl Hub {
             return;
         };
         let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sender) = events.get(&event) {
-            sender.send_if_modified(|current| {
+        if let Some(channels) = events.get(&event) {
+            let mut notice = None;
+            channels.state.send_if_modified(|current| {
                 // Never go back: an older read arriving late must not move anyone backwards.
                 if state.at_ms < current.at_ms {
                     return false;
@@ -147,10 +202,20 @@ impl Hub {
                     ..next.clone()
                 } != *current;
                 if changed {
+                    notice = Some(Notice::of(&next));
                     *current = next;
                 }
                 changed
             });
+            if let Some(notice) = notice {
+                channels.notices.send_if_modified(|current| {
+                    let changed = *current != notice;
+                    if changed {
+                        *current = notice;
+                    }
+                    changed
+                });
+            }
         }
     }
 
@@ -209,7 +274,7 @@ impl Hub {
             }
             let watched: Vec<EventId> = {
                 let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
-                events.retain(|_, sender| sender.receiver_count() > 0);
+                events.retain(|_, channels| channels.state.receiver_count() > 0);
                 events.keys().copied().collect()
             };
             for event in watched {

@@ -7,7 +7,9 @@
 //! of the line hears every move within half a second, a fan 100,000 places back every 20 s. With
 //! 200,000 waiters and a head that moves several times a second, an update to everyone on every
 //! move would be millions of messages a second; paced, it is about ten thousand. The pass, sold
-//! out, the draw, a pause, an operator's message and a new rate go out at once.
+//! out, the draw, a pause, an operator's message and a new rate go out at once. A waiter far
+//! back does not even wake on a move (`Config::quiet_for`): it sleeps until its next update,
+//! listening only to the event's notices.
 
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use shared::token::TicketClaims;
 use shared::ApiError;
 use tracing::instrument;
 
-use crate::hub::{QueueState, SocketGuard, SocketRefused};
+use crate::hub::{Notice, QueueState, SocketGuard, SocketRefused};
 use crate::pass::{self, IssuedPass};
 use crate::AppState;
 
@@ -166,13 +168,16 @@ async fn wait(
     let mut ping = tokio::time::interval(Duration::from_secs(state.config.ws_ping_secs.max(1)));
     ping.tick().await;
     let mut dirty = true;
+    // A status goes out now whatever the interval: a quiet waiter's sleep is over.
+    let mut force = false;
     // The last status sent, and whether a newer one waits for the waiter's update interval.
     let mut sent: Option<(tokio::time::Instant, QueueState)> = None;
     let mut deferred = false;
     loop {
         if dirty {
             dirty = false;
-            let snapshot = queue.borrow_and_update().clone();
+            let snapshot = queue.state.borrow_and_update().clone();
+            queue.notices.mark_unchanged();
             if position.is_none() && snapshot.drawn {
                 // Once per socket, when the draw has placed the fan (or at connect).
                 position = state.positions.of(event.event_id(), ticket.tkt).await?;
@@ -205,7 +210,8 @@ async fn wait(
             let due = match &sent {
                 None => true,
                 Some((at, last)) => {
-                    noticeable(last, &snapshot)
+                    std::mem::take(&mut force)
+                        || noticeable(last, &snapshot)
                         || now >= *at + state.config.update_interval(&snapshot, position)
                 }
             };
@@ -216,17 +222,35 @@ async fn wait(
                 sent = Some((now, snapshot));
             }
         }
-        let next_update = match (&sent, deferred) {
-            (Some((at, last)), true) => Some(*at + state.config.update_interval(last, position)),
-            _ => None,
+        // Far back, a waiter sleeps until its next update and hears only notices; near the
+        // front it follows every change of the line, its updates paced.
+        let (next_update, follow) = match &sent {
+            Some((at, last)) => match state.config.quiet_for(last, position) {
+                Some(quiet) => (Some(*at + quiet), false),
+                None => (
+                    deferred.then(|| *at + state.config.update_interval(last, position)),
+                    true,
+                ),
+            },
+            None => (None, true),
         };
         tokio::select! {
-            _ = sleep_until(next_update), if next_update.is_some() => dirty = true,
+            _ = sleep_until(next_update), if next_update.is_some() => {
+                dirty = true;
+                force = !follow;
+            }
             _ = state.shutdown.cancelled() => {
                 let _ = sink.send(close(1001, "server shutting down; reconnect")).await;
                 return Ok(());
             }
-            changed = queue.changed() => {
+            changed = queue.state.changed(), if follow => {
+                if changed.is_err() {
+                    let _ = sink.send(close(1011, "queue state unavailable; reconnect")).await;
+                    return Ok(());
+                }
+                dirty = true;
+            }
+            changed = queue.notices.changed(), if !follow => {
                 if changed.is_err() {
                     let _ = sink.send(close(1011, "queue state unavailable; reconnect")).await;
                     return Ok(());
@@ -249,12 +273,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// A change every waiter must see at once, whatever their update interval: the draw, a pause or
-/// resume, an operator's message or a new rate.
+/// resume, an operator's message, a new rate or sold out.
 fn noticeable(last: &QueueState, now: &QueueState) -> bool {
-    last.drawn != now.drawn
-        || last.paused != now.paused
-        || last.message != now.message
-        || last.rate_per_minute != now.rate_per_minute
+    Notice::of(last) != Notice::of(now)
 }
 
 fn text(message: &ServerMessage) -> anyhow::Result<Message> {
