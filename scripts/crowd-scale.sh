@@ -20,10 +20,14 @@ FANS="${FANS:-30000}"
 SEATS="${SEATS:-15000}"
 QUEUES="${QUEUES:-$(( (FANS + 17999) / 18000 ))}"
 PRESALE="${PRESALE:-$(( FANS / 500 + 20 ))}"
-RATE="${RATE:-$(( FANS / 2 ))}"
 # Shoppers at once: about what one purchase process serves (hold + checkout ~500/s, a few
 # requests each); a fan who walks away frees the slot when the pass expires (PASS_TTL).
 MAX_ACTIVE="${MAX_ACTIVE:-400}"
+# Admissions per minute, as an operator would set it: about what the shoppers under the cap
+# can take (a few seconds each), not far above it. The waiting room paces its updates to a
+# waiter by the shortest time its turn can take at this rate, so an unreachable rate makes
+# every waiter hear from it far more often than the line really moves.
+RATE="${RATE:-$(( MAX_ACTIVE * 6 ))}"
 PASS_TTL="${PASS_TTL:-60}"
 # How long one fan may take from arrival to done before the crowd counts it as an error.
 FAN_TIMEOUT="${FAN_TIMEOUT:-1200}"

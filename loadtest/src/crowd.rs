@@ -601,6 +601,9 @@ async fn take_places(
     Ok(None)
 }
 
+/// How old a seat map may be when a fan asks for a fresh one.
+const FRESH_ENOUGH: Duration = Duration::from_secs(1);
+
 /// What the fans of one process share.
 struct Shared {
     progress: Arc<Progress>,
@@ -641,9 +644,12 @@ impl SeatBoard {
         fresh: bool,
     ) -> anyhow::Result<Arc<Vec<i64>>> {
         let mut snapshot = self.snapshot.lock().await;
-        let stale = snapshot
-            .as_ref()
-            .is_none_or(|(at, _)| fresh || at.elapsed() > self.refresh);
+        // A fan who found nothing free asks for a fresh map, but one fetched in the last
+        // second by another fan of this process is fresh enough: near a sell-out, hundreds of
+        // disappointed fans would otherwise each download the whole map in turn.
+        let stale = snapshot.as_ref().is_none_or(|(at, _)| {
+            at.elapsed() > self.refresh || (fresh && at.elapsed() > FRESH_ENOUGH)
+        });
         if stale {
             let seats = client.seats(event, pass).await?;
             let free: Vec<i64> = seats

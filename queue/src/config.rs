@@ -52,7 +52,7 @@ pub struct Config {
     pub ws_update_min_ms: u64,
 
     /// Longest time between two position updates to one waiter, in milliseconds (far back).
-    #[arg(long, env = "FAIRGATE_WS_UPDATE_MAX_MS", default_value_t = 20_000)]
+    #[arg(long, env = "FAIRGATE_WS_UPDATE_MAX_MS", default_value_t = 60_000)]
     pub ws_update_max_ms: u64,
 
     /// Operator API tokens as `name:token` pairs, comma-separated (tokens of 16+ characters);
@@ -143,7 +143,7 @@ mod tests {
         assert_eq!(at(6_001), Duration::from_secs(10));
         assert_eq!(
             at(101_000),
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             "far back: the ceiling"
         );
         assert_eq!(

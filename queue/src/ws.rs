@@ -4,9 +4,9 @@
 //! The socket's numbers come from the instance's `watch` channel: no Redis call per update.
 //!
 //! Position updates are paced by how far back the fan is (`Config::update_interval`): the front
-//! of the line hears every move within half a second, a fan 100,000 places back every 20 s. With
+//! of the line hears every move within half a second, a fan 100,000 places back every minute. With
 //! 200,000 waiters and a head that moves several times a second, an update to everyone on every
-//! move would be millions of messages a second; paced, it is about ten thousand. The pass, sold
+//! move would be millions of messages a second; paced, a few thousand. The pass, sold
 //! out, the draw, a pause, an operator's message and a new rate go out at once. A waiter far
 //! back does not even wake on a move (`Config::quiet_for`): it sleeps until its next update,
 //! listening only to the event's notices.
