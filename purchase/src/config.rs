@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_LIVE_MAX_STREAMS", default_value_t = 10_000)]
     pub live_max_streams: usize,
 
+    /// Seat-map reads one instance runs at once; more wait their turn. Keeps most of the
+    /// Postgres pool for holds and checkouts when a crowd reads a large map.
+    #[arg(long, env = "FAIRGATE_SEAT_MAP_READS", default_value_t = 4)]
+    pub seat_map_reads: usize,
+
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
     #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
     pub outbox_relay_ms: u64,

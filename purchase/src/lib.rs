@@ -44,6 +44,9 @@ pub struct AppState {
     pub support: shared::auth::NamedTokens,
     pub live: live::LiveHub,
     pub orders: orders::OrderKeys,
+    /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
+    /// not take every pooled connection from holds and checkouts).
+    pub seat_map_reads: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -103,6 +106,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         payments: provider(&config).await?,
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
+        seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         config: Arc::new(config),
         pg,
         redis,

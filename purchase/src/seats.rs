@@ -47,6 +47,11 @@ async fn seat_map(
     State(state): State<AppState>,
     pass: Pass,
 ) -> Result<Json<Vec<SeatView>>, ApiError> {
+    let _turn = state
+        .seat_map_reads
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
     let seats = sqlx::query_as::<_, SeatView>(
         "SELECT id, section, row_label, number, price_cents,
                 CASE WHEN status = 'held' AND held_until < now() THEN 'available'
@@ -151,7 +156,7 @@ pub(crate) async fn lock_seats(
     .await?)
 }
 
-/// What `fg_hold` (migration 0013) answers.
+/// What `fg_hold` (migrations 0013, 0014) answers.
 #[derive(sqlx::FromRow)]
 struct HoldOutcome {
     code: String,
@@ -162,7 +167,7 @@ struct HoldOutcome {
 }
 
 /// Takes the hold in one round trip: `fg_hold` locks the seats in id order, checks them and
-/// replaces the pass's previous hold, all in one autocommitted statement (see migration 0013
+/// replaces the pass's previous hold, all in one autocommitted statement (see migrations 0013, 0014
 /// for the rules, the same as before it moved there).
 #[instrument(skip_all, fields(event = %pass.event))]
 async fn hold(

@@ -303,3 +303,65 @@ async fn bad_holds_and_checkouts_are_refused_precisely_and_change_nothing() {
     pg.close().await;
     env.cleanup().await;
 }
+
+/// A hold never queues behind another transaction's lock on a seat: a seat locked at that moment
+/// (being held or bought by someone else) is refused at once as taken, naming it, and nothing
+/// changes; once the lock is gone the same hold succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_on_a_seat_locked_by_another_purchase_is_refused_at_once() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let app = in_process(&env, &signer, |_| {}).await;
+    let url = app.url();
+    let http = Client::new();
+    let event = create_event(&http, &url).await;
+    let fan = pass(&signer, event);
+    let seats: Vec<i64> = seat_map(&http, &url, event, &fan)
+        .await
+        .iter()
+        .map(|s| s["id"].as_i64().expect("id"))
+        .collect();
+    let (free, locked) = (seats[0], seats[1]);
+    let before = state(&pg).await;
+
+    // Another purchase's transaction holds the row lock (and keeps it until we end it).
+    let mut other = pg.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM seats WHERE id = $1 FOR UPDATE")
+        .bind(locked)
+        .execute(&mut *other)
+        .await
+        .expect("lock");
+    let hold = http
+        .post(format!("{url}/api/v1/events/{event}/holds"))
+        .bearer_auth(&fan)
+        .json(&json!({ "seat_ids": [free, locked] }));
+    // Had the hold waited for the lock, it would wait until the transaction ends, which this
+    // test does only after the answer: the bound only turns a hang into a failure.
+    let message = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        refused(hold, 409, "seat_unavailable"),
+    )
+    .await
+    .expect("the hold answered while the seat was locked");
+    assert!(
+        message.contains(&locked.to_string()) && !message.contains(&free.to_string()),
+        "names the locked seat only: {message}"
+    );
+    assert_eq!(state(&pg).await, before, "nothing changed");
+    other.rollback().await.expect("rollback");
+
+    let held = http
+        .post(format!("{url}/api/v1/events/{event}/holds"))
+        .bearer_auth(&fan)
+        .json(&json!({ "seat_ids": [free, locked] }))
+        .send()
+        .await
+        .expect("hold");
+    assert_eq!(
+        held.status().as_u16(),
+        201,
+        "{}",
+        held.text().await.unwrap_or_default()
+    );
+}
