@@ -243,14 +243,13 @@ async fn wait(
                 let _ = sink.send(close(1001, "server shutting down; reconnect")).await;
                 return Ok(());
             }
-            changed = queue.state.changed(), if follow => {
-                if changed.is_err() {
-                    let _ = sink.send(close(1011, "queue state unavailable; reconnect")).await;
-                    return Ok(());
+            changed = async {
+                if follow {
+                    queue.state.changed().await
+                } else {
+                    queue.notices.changed().await
                 }
-                dirty = true;
-            }
-            changed = queue.notices.changed(), if !follow => {
+            } => {
                 if changed.is_err() {
                     let _ = sink.send(close(1011, "queue state unavailable; reconnect")).await;
                     return Ok(());
