@@ -180,9 +180,11 @@ fn answer(signer: &Signer, batch: Vec<Pending>, mut rows: HashMap<Uuid, (JoinRow
     for pending in batch {
         match rows.remove(&pending.ticket.0) {
             Some((row, resumed)) => found.push((pending, row, resumed)),
+            // Its event was deleted after the handler read it: nothing was recorded.
             None => {
-                let _ = pending.reply.send(Err(ApiError::internal(
-                    "a join is missing from its batch's result",
+                let _ = pending.reply.send(Err(ApiError::NotFound(
+                    "event_not_found",
+                    "this event no longer exists".into(),
                 )));
             }
         }
@@ -231,10 +233,14 @@ async fn write(
     // Under the shared draw lock, a drawn event stays drawn and an undrawn one undrawn until
     // commit: joins to a drawn event are live arrivals. `now()` is the transaction's time, the
     // `joined_at` default of every row it inserts.
+    // The events are locked against deletion once per batch (what a foreign key would do for
+    // every row, migration 0015): a join for an event deleted meanwhile is not recorded.
     let events: Vec<i64> = events.into_iter().map(EventId::get).collect();
-    let (now, drawn): (DateTime<Utc>, Vec<i64>) = sqlx::query_as(
-        "SELECT now(), COALESCE(array_agg(event_id) FILTER (WHERE drawn_at IS NOT NULL), '{}')
-         FROM draws WHERE event_id = ANY($1)",
+    let (now, existing, drawn): (DateTime<Utc>, Vec<i64>, Vec<i64>) = sqlx::query_as(
+        "WITH e AS (SELECT id FROM events WHERE id = ANY($1) FOR KEY SHARE)
+         SELECT now(), COALESCE(array_agg(e.id), '{}'),
+                COALESCE(array_agg(e.id) FILTER (WHERE d.drawn_at IS NOT NULL), '{}')
+         FROM e LEFT JOIN draws d ON d.event_id = e.id",
     )
     .bind(&events)
     .fetch_one(&mut *tx)
@@ -248,6 +254,7 @@ async fn write(
     };
     let (fresh, asserted): (Vec<&Pending>, Vec<&Pending>) = batch
         .iter()
+        .filter(|p| existing.contains(&p.event.get()))
         .partition(|p| p.identity.is_anonymous_for(p.ticket));
     let mut rows = HashMap::with_capacity(batch.len());
 
@@ -290,7 +297,7 @@ async fn write(
         let inserted: Vec<JoinRow> = sqlx::query_as(
             "INSERT INTO joins (ticket_id, event_id, identity, phase)
              SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[])
-             ON CONFLICT ON CONSTRAINT joins_one_per_identity DO NOTHING
+             ON CONFLICT (event_id, identity) WHERE identity NOT LIKE 'anon:%' DO NOTHING
              RETURNING ticket_id, event_id, identity, joined_at, position, phase",
         )
         .bind(&tickets)
@@ -312,7 +319,8 @@ async fn write(
             let existing: Vec<JoinRow> = sqlx::query_as(
                 "SELECT j.ticket_id, j.event_id, j.identity, j.joined_at, j.position, j.phase
                  FROM joins j JOIN UNNEST($1::bigint[], $2::text[]) AS w(event_id, identity)
-                   ON j.event_id = w.event_id AND j.identity = w.identity",
+                   ON j.event_id = w.event_id AND j.identity = w.identity
+                 WHERE j.identity NOT LIKE 'anon:%'",
             )
             .bind(missing.iter().map(|p| p.event.get()).collect::<Vec<_>>())
             .bind(

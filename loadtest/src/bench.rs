@@ -61,3 +61,23 @@ pub struct Backends {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 }
+
+impl Backends {
+    /// A small pool on the bench database, created when missing (a fresh machine has only
+    /// `postgres`), with every migration applied.
+    pub async fn database(&self) -> anyhow::Result<sqlx::PgPool> {
+        use sqlx::migrate::MigrateDatabase;
+        if !sqlx::Postgres::database_exists(&self.database_url).await? {
+            sqlx::Postgres::create_database(&self.database_url)
+                .await
+                .or_else(|e| match e.as_database_error().and_then(|d| d.code()) {
+                    // Another bench created it at the same moment.
+                    Some(code) if code == "42P04" => Ok(()),
+                    _ => Err(e),
+                })?;
+        }
+        let pg = shared::db::connect_url(&self.database_url, 2).await?;
+        shared::db::migrate(&pg).await?;
+        Ok(pg)
+    }
+}

@@ -413,6 +413,74 @@ async fn one_identity_gets_one_place_even_from_20_concurrent_joins() {
     env.cleanup().await;
 }
 
+/// Migration 0015 keeps anonymous identities out of the identity index: the database itself
+/// still refuses an `anon:` identity that is not its own row's ticket (so no anonymous identity
+/// can be queued twice), and deleting an event still deletes its joins (a trigger, as the
+/// foreign key's cascade did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_identities_are_their_tickets_and_an_events_joins_go_with_it() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let key = hex::encode(shared::token::random_seed());
+    let shutdown = CancellationToken::new();
+    let app = start_buffer(&env, &key, &shutdown).await;
+    let event = insert_event(&pg, chrono::Duration::seconds(60)).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/events/{event}/join", app.url());
+    let mut tickets = Vec::new();
+    for _ in 0..3 {
+        let answer = http.post(&url).send().await.expect("request");
+        assert_eq!(answer.status(), 201);
+        let body: Value = answer.json().await.expect("json");
+        tickets.push(Uuid::parse_str(body["ticket_id"].as_str().expect("id")).expect("uuid"));
+    }
+    assert_eq!(join_count(&pg, event).await, 3);
+
+    // Another row claiming a joined fan's anonymous identity, or an `anon:` identity that is not
+    // its own ticket, is refused by the database.
+    let insert = |ticket: Uuid, identity: String| {
+        sqlx::query("INSERT INTO joins (ticket_id, event_id, identity, phase) VALUES ($1, $2, $3, 'presale')")
+            .bind(ticket)
+            .bind(event)
+            .bind(identity)
+            .execute(&pg)
+    };
+    let error = insert(Uuid::new_v4(), format!("anon:{}", tickets[0]))
+        .await
+        .expect_err("a second row with a fan's anonymous identity");
+    assert_eq!(
+        shared::error::violated_constraint(&error),
+        Some("joins_anonymous_is_its_ticket")
+    );
+    let error = insert(tickets[1], format!("anon:{}", tickets[1]))
+        .await
+        .expect_err("the same ticket twice");
+    assert_eq!(
+        shared::error::violated_constraint(&error),
+        Some("joins_pkey")
+    );
+    let own = Uuid::new_v4();
+    insert(own, format!("anon:{own}"))
+        .await
+        .expect("an anonymous row of its own ticket");
+    assert_eq!(join_count(&pg, event).await, 4);
+
+    // Deleting the event deletes its joins; a join for it is then 404 and records nothing.
+    sqlx::query("DELETE FROM events WHERE id = $1")
+        .bind(event)
+        .execute(&pg)
+        .await
+        .expect("delete the event");
+    assert_eq!(join_count(&pg, event).await, 0);
+    let answer = http.post(&url).send().await.expect("request");
+    assert_eq!(answer.status(), 404);
+    assert_eq!(join_count(&pg, event).await, 0);
+
+    pg.close().await;
+    app.stop().await.expect("stop");
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sale_window_api_validates_values_and_guards_a_running_sale() {
     let env = TestEnv::new().await;

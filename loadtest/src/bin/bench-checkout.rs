@@ -54,8 +54,7 @@ const ORGANIZER: &str = "bench-checkout-organizer-token";
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.seats >= 1000, "--seats must be at least 1000");
-    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
-    shared::db::migrate(&pg).await?;
+    let pg = args.backends.database().await?;
     let signer = Signer::new(SigningKey::generate()?, "fairgate");
     let jwks_url = serve_jwks(&signer).await?;
 

@@ -41,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
     config.common.redis_url = args.backends.redis_url.clone();
     config.common.redis_prefix = prefix.clone();
     config.signing.signing_key = Some(hex::encode(shared::token::random_seed()));
+    args.backends.database().await?.close().await;
     let state = buffer::connect(config, tokio_util::sync::CancellationToken::new()).await?;
 
     let now = Utc::now();

@@ -51,8 +51,7 @@ async fn main() -> anyhow::Result<()> {
         return serve_bare(addr, &args.backends.redis_url).await;
     }
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
-    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
-    shared::db::migrate(&pg).await?;
+    let pg = args.backends.database().await?;
     let now = Utc::now();
     let event: i64 = sqlx::query_scalar(
         "INSERT INTO events (name, starts_at, presale_opens_at, sale_starts_at, sale_ends_at,

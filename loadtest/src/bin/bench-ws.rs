@@ -443,8 +443,7 @@ where
 }
 
 async fn parent(args: Args) -> anyhow::Result<()> {
-    let pg = shared::db::connect_url(&args.backends.database_url, 2).await?;
-    shared::db::migrate(&pg).await?;
+    let pg = args.backends.database().await?;
     let now = Utc::now();
     let event: i64 = sqlx::query_scalar(
         "INSERT INTO events (name, starts_at, presale_opens_at, sale_starts_at, sale_ends_at,
