@@ -191,7 +191,7 @@ async fn join(
             state.limits.check_identity(identity.as_str())?;
             state
                 .writer
-                .join(event_id, TicketId::random(), identity, terms)
+                .join(event_id, TicketId::mint(), identity, terms)
                 .await?
         }
         (None, None) => {
@@ -201,7 +201,7 @@ async fn join(
                     "this event admits only signed-in fans".into(),
                 ));
             }
-            let ticket = TicketId::random();
+            let ticket = TicketId::mint();
             state
                 .writer
                 .join(event_id, ticket, Identity::anonymous(ticket), terms)

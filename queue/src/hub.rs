@@ -351,7 +351,7 @@ mod tests {
     #[tokio::test]
     async fn socket_caps_per_ticket_and_per_instance_hold_and_free() {
         let hub = hub();
-        let (a, b) = (TicketId::random(), TicketId::random());
+        let (a, b) = (TicketId::mint(), TicketId::mint());
         let a1 = hub.open_socket(a, 2, 3).expect("first");
         let _a2 = hub.open_socket(a, 2, 3).expect("second");
         assert_eq!(

@@ -53,8 +53,12 @@ impl fmt::Display for EventId {
 pub struct TicketId(pub Uuid);
 
 impl TicketId {
-    pub fn random() -> Self {
-        TicketId(Uuid::new_v4())
+    /// A fresh ticket id: a UUIDv7 (48 bits of Unix milliseconds, then 74 random bits), so a
+    /// sale's joins arrive in index order and Postgres appends them to the primary key instead
+    /// of touching a random page per join (a third more joins per second, migration 0015's
+    /// notes). The time it carries is no secret: the join's receipt states it too.
+    pub fn mint() -> Self {
+        TicketId(Uuid::now_v7())
     }
 }
 

@@ -246,7 +246,7 @@ mod tests {
                 aud: TokenKind::Receipt.audience().to_owned(),
                 sub: format!("anon:{i}"),
                 evt: EventId::new(7).expect("id"),
-                tkt: TicketId::random(),
+                tkt: TicketId::mint(),
                 cmt: "ab".repeat(32),
                 iat: now,
                 nbf: now,
@@ -296,7 +296,7 @@ mod tests {
         // The leaf edited to claim another ticket.
         let mut leaf: ReceiptClaims =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).expect("b64")).expect("json");
-        leaf.tkt = TicketId::random();
+        leaf.tkt = TicketId::mint();
         let edited = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&leaf).expect("json"));
         assert_eq!(
             verify(&verifier, &with_part(&receipts[3], 1, &edited)),

@@ -321,7 +321,7 @@ fn mint_pass(signer: &Signer, event: i64, n: u64) -> anyhow::Result<String> {
         aud: TokenKind::Pass.audience().to_owned(),
         sub: format!("bench:{n}"),
         evt: EventId::new(event).context("event id")?,
-        tkt: TicketId::random(),
+        tkt: TicketId::mint(),
         jti: Uuid::new_v4(),
         iat: now,
         nbf: now,
