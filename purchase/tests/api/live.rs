@@ -106,7 +106,7 @@ fn fan_pass(signer: &Signer, event: i64, fan: &str) -> String {
         aud: TokenKind::Pass.audience().into(),
         sub: fan.into(),
         evt: EventId::new(event).expect("id"),
-        tkt: TicketId::random(),
+        tkt: TicketId::mint(),
         jti: Uuid::new_v4(),
         iat: now,
         nbf: now,

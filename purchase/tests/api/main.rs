@@ -123,7 +123,7 @@ fn pass(signer: &Signer, event: i64) -> String {
         aud: TokenKind::Pass.audience().into(),
         sub: format!("site:fan-{}", Uuid::new_v4().simple()),
         evt: EventId::new(event).expect("id"),
-        tkt: TicketId::random(),
+        tkt: TicketId::mint(),
         jti: Uuid::new_v4(),
         iat: now,
         nbf: now,
