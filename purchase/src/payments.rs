@@ -124,7 +124,7 @@ impl PaymentProvider for Sandbox {
              RETURNING outcome, reference",
         )
         .bind(key)
-        .bind(format!("sb_ch_{}", Uuid::new_v4().simple()))
+        .bind(format!("sb_ch_{}", Uuid::now_v7().simple()))
         .bind(amount_cents)
         .bind(code)
         .fetch_optional(&self.pg)

@@ -121,7 +121,7 @@ pub async fn issue(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT ON CONSTRAINT passes_one_per_ticket DO NOTHING",
     )
-    .bind(Uuid::new_v4())
+    .bind(Uuid::now_v7())
     .bind(event.id)
     .bind(ticket.tkt.0)
     .bind(&ticket.sub)

@@ -28,6 +28,14 @@ pub struct CommonConfig {
     #[arg(long, env = "FAIRGATE_DB_MAX_CONNECTIONS", default_value_t = 20)]
     pub db_max_connections: u32,
 
+    /// Postgres `plan_cache_mode` of this process's sessions. Every statement fairgate sends is
+    /// a keyed lookup or write whose best plan does not depend on its parameters, so the
+    /// default plans each prepared statement once instead of on every call (Postgres otherwise
+    /// keeps re-planning statements with array parameters: ~15% of its CPU during a join burst).
+    #[arg(long, env = "FAIRGATE_DB_PLAN_CACHE_MODE", default_value = "force_generic_plan",
+          value_parser = ["auto", "force_generic_plan", "force_custom_plan"])]
+    pub db_plan_cache_mode: String,
+
     /// Bind with SO_REUSEPORT, so several instances share one port and the kernel spreads
     /// connections over them (past one process's open-files limit, e.g. 200,000 websockets).
     #[arg(long, env = "FAIRGATE_REUSE_PORT", default_value_t = false)]

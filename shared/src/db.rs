@@ -12,7 +12,12 @@ use crate::config::CommonConfig;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 pub async fn connect(config: &CommonConfig) -> anyhow::Result<PgPool> {
-    connect_url(&config.database_url, config.db_max_connections).await
+    connect_url_with(
+        &config.database_url,
+        config.db_max_connections,
+        &[("plan_cache_mode", &config.db_plan_cache_mode)],
+    )
+    .await
 }
 
 pub async fn connect_url(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {

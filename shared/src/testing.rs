@@ -58,6 +58,7 @@ impl TestEnv {
             // three services (plus a test pool of 5) and scripts/test.sh runs 4 tests at once:
             // 4 × (3 × 5 + 5) = 80.
             db_max_connections: 5,
+            db_plan_cache_mode: "force_generic_plan".into(),
             reuse_port: false,
             migrate: false,
             redis_url: self.redis_url.clone(),

@@ -322,7 +322,7 @@ fn mint_pass(signer: &Signer, event: i64, n: u64) -> anyhow::Result<String> {
         sub: format!("bench:{n}"),
         evt: EventId::new(event).context("event id")?,
         tkt: TicketId::mint(),
-        jti: Uuid::new_v4(),
+        jti: Uuid::now_v7(),
         iat: now,
         nbf: now,
         exp: now + 900,

@@ -25,6 +25,10 @@ struct Args {
     /// Joins to send to each target.
     #[arg(long, default_value_t = 100_000)]
     requests: u64,
+    /// Rounds, each the bare handler then the buffer: the figures are the medians (the
+    /// machine's speed drifts by ±10% between runs, so one round can mislead).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 128)]
     concurrency: usize,
@@ -109,20 +113,31 @@ async fn main() -> anyhow::Result<()> {
     wait_ready(&http, &format!("http://{bare_addr}/healthz")).await?;
     wait_ready(&http, &format!("http://{buffer_addr}/readyz")).await?;
 
-    let bare_run = load(
-        &http,
-        &format!("http://{bare_addr}/join"),
-        args.requests,
-        args.concurrency,
-    )
-    .await;
-    let join_run = load(
-        &http,
-        &format!("http://{buffer_addr}/api/v1/events/{event}/join"),
-        args.requests,
-        args.concurrency,
-    )
-    .await;
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let bare_run = load(
+            &http,
+            &format!("http://{bare_addr}/join"),
+            args.requests,
+            args.concurrency,
+        )
+        .await;
+        let join_run = load(
+            &http,
+            &format!("http://{buffer_addr}/api/v1/events/{event}/join"),
+            args.requests,
+            args.concurrency,
+        )
+        .await;
+        println!(
+            "round {}: bare {:>7.0} /s, join {:>7.0} /s, ratio {:.2}",
+            rounds.len() + 1,
+            bare_run.rps,
+            join_run.rps,
+            join_run.rps / bare_run.rps
+        );
+        rounds.push((bare_run, join_run));
+    }
     drop(buffer);
     drop(bare);
 
@@ -130,10 +145,18 @@ async fn main() -> anyhow::Result<()> {
         .bind(event)
         .fetch_one(&pg)
         .await?;
-    let ratio = join_run.rps / bare_run.rps;
+    let join_errors: u64 = rounds.iter().map(|(_, join)| join.errors).sum();
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .map(|(bare, join)| join.rps / bare.rps)
+        .collect();
+    let ratio = median(&ratios);
+    let (bare_run, join_run) = median_round(&rounds);
     println!(
-        "requests per target        {} ({} in flight)",
-        args.requests, args.concurrency
+        "requests per target        {} × {} rounds ({} in flight); medians below",
+        args.requests,
+        rounds.len(),
+        args.concurrency
     );
     println!("redis-benchmark ZADD       {redis_rps:>9.0} /s");
     println!(
@@ -145,19 +168,29 @@ async fn main() -> anyhow::Result<()> {
         join_run.rps, join_run.p50_ms, join_run.p99_ms, join_run.errors
     );
     println!("joins stored in Postgres   {stored}");
-    println!("ratio join / bare          {:.2} (target ≥ 0.50)", ratio);
+    println!(
+        "ratio join / bare          {ratio:.2} median of {:?} (target ≥ 0.50)",
+        ratios
+            .iter()
+            .map(|r| (r * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
     if let Some(path) = &args.json {
         std::fs::write(
             path,
             serde_json::to_vec_pretty(&serde_json::json!({
                 "requests": args.requests,
+                "rounds": rounds.iter().map(|(bare, join)| serde_json::json!({
+                    "bare_axum_redis_rps": bare.rps, "join_rps": join.rps,
+                    "ratio": join.rps / bare.rps,
+                })).collect::<Vec<_>>(),
                 "concurrency": args.concurrency,
                 "redis_benchmark_zadd_rps": redis_rps,
                 "bare_axum_redis_rps": bare_run.rps,
                 "join_rps": join_run.rps,
                 "join_p50_ms": join_run.p50_ms,
                 "join_p99_ms": join_run.p99_ms,
-                "join_errors": join_run.errors,
+                "join_errors": join_errors,
                 "joins_stored": stored,
                 "ratio": ratio,
                 "target_ratio": 0.5,
@@ -172,10 +205,24 @@ async fn main() -> anyhow::Result<()> {
     client.init().await?;
     let _: i64 = client.del("bench:bare:counter").await?;
     anyhow::ensure!(
-        stored as u64 == args.requests - join_run.errors,
+        stored as u64 == args.requests * rounds.len() as u64 - join_errors,
         "a join was lost"
     );
     Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The round whose ratio is the median one.
+fn median_round(rounds: &[(Run, Run)]) -> (&Run, &Run) {
+    let mut order: Vec<&(Run, Run)> = rounds.iter().collect();
+    order.sort_by(|a, b| (a.1.rps / a.0.rps).total_cmp(&(b.1.rps / b.0.rps)));
+    let (bare, join) = order[order.len() / 2];
+    (bare, join)
 }
 
 struct Run {
