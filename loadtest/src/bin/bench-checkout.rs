@@ -38,6 +38,9 @@ struct Args {
     /// Buyers in flight at once against the purchase service.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Postgres connections of the purchase process's pool.
+    #[arg(long, default_value_t = 20)]
+    db_connections: u32,
     /// pgbench clients.
     #[arg(long, default_value_t = 16)]
     pgbench_clients: usize,
@@ -76,7 +79,10 @@ async fn main() -> anyhow::Result<()> {
                 "FAIRGATE_ORDER_SECRET",
                 hex::encode(shared::token::random_seed()),
             )
-            .env("FAIRGATE_DB_MAX_CONNECTIONS", "20")
+            .env(
+                "FAIRGATE_DB_MAX_CONNECTIONS",
+                args.db_connections.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
