@@ -14,7 +14,7 @@
 //! rows stay for notifiers (e-mail, SMS), which page through them with
 //! `GET /api/v1/organizer/outbox?after=`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -140,26 +140,93 @@ pub async fn run_seat_subscriber(
     .await
 }
 
-/// Rows whose id is below every row committed more than this long ago are settled: no
-/// transaction holding a lower id can still commit (statement and lock timeouts are far
-/// shorter), so the relay's floor can pass them.
+/// An id the relay skipped (a row with a higher id was read first) is looked for again on every
+/// tick for this long: its transaction may still commit (statement and lock timeouts are far
+/// shorter). After that it was rolled back, or is a hole the sequence left, and is forgotten.
 const SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// Most skipped ids the relay keeps looking for; beyond that the oldest are forgotten (a fan
+/// whose notice that was still gets it on reconnecting: streams replay from `Last-Event-ID`).
+/// Only transactions still running can fill a gap, a few per pool connection, so a jump of
+/// the sequence (holes left by a crash or by deleted rows) is what fills this.
+const MAX_GAPS: usize = 1_000;
+/// How far below the newest row the relay looks for ids still committing when it starts.
+const IN_FLIGHT: usize = 1_000;
+
+/// Which outbox rows the relay has read: everything up to a high-water mark except the ids it
+/// skipped on the way (gaps), each with the time it was first missed. Ids are assigned before
+/// commit, so a lower id can appear after a higher one; rather than remembering every id sent
+/// (which made each read compare every new row with every id of the last minute), the relay
+/// reads rows above the mark plus the few gaps below it.
+#[derive(Debug, Default)]
+pub(crate) struct OutboxCursor {
+    high: i64,
+    gaps: BTreeMap<i64, DateTime<Utc>>,
+}
+
+impl OutboxCursor {
+    /// A cursor that has read everything up to `high` but the `missing` ids (noticed at `now`).
+    pub(crate) fn new(high: i64, missing: &[i64], now: DateTime<Utc>) -> Self {
+        OutboxCursor {
+            high,
+            gaps: missing
+                .iter()
+                .filter(|id| **id <= high)
+                .map(|id| (*id, now))
+                .collect(),
+        }
+    }
+
+    /// The ids still missing below the mark.
+    pub(crate) fn gaps(&self) -> Vec<i64> {
+        self.gaps.keys().copied().collect()
+    }
+
+    /// Records that row `id` was read at `now`; whether it is new (not read before).
+    pub(crate) fn read(&mut self, id: i64, now: DateTime<Utc>) -> bool {
+        if id <= self.high {
+            return self.gaps.remove(&id).is_some();
+        }
+        // Every id between the old mark and this one was skipped; keep at most MAX_GAPS of the
+        // newest (a jump of the sequence after a crash can leave thousands of holes).
+        let skipped_from = (self.high + 1).max(id - MAX_GAPS as i64);
+        for missing in skipped_from..id {
+            self.gaps.insert(missing, now);
+        }
+        self.high = id;
+        true
+    }
+
+    /// Forgets the gaps missed before `settled_before`, and the oldest ones beyond MAX_GAPS.
+    pub(crate) fn settle(&mut self, settled_before: DateTime<Utc>) {
+        self.gaps
+            .retain(|_, missed_at| *missed_at >= settled_before);
+        while self.gaps.len() > MAX_GAPS {
+            self.gaps.pop_first();
+        }
+    }
+}
 
 /// Reads new outbox rows for the whole instance and hands each to the streams of its fan.
-/// Ids are assigned before commit, so a lower id can appear after a higher one: the relay keeps
-/// the ids it has sent above a floor of settled rows instead of one high-water mark.
 pub async fn run_outbox_relay(
     state: AppState,
     every: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut floor: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(max(id), 0) FROM outbox WHERE created_at < now() - interval '60 seconds'",
+    // Start at the newest row: a stream opened from now on replays its fan's earlier rows
+    // itself. Ids missing just below it may belong to transactions still committing.
+    let (high, missing): (i64, Vec<i64>) = sqlx::query_as(
+        "WITH top AS (SELECT COALESCE(max(id), 0) AS high FROM outbox)
+         SELECT top.high, COALESCE(array_agg(g.id) FILTER (
+                    WHERE g.id IS NOT NULL
+                      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.id = g.id)), '{}')
+         FROM top LEFT JOIN LATERAL
+              generate_series(GREATEST(top.high - $1, 1), top.high) AS g(id) ON true
+         GROUP BY top.high",
     )
+    .bind(IN_FLIGHT as i64)
     .fetch_one(&state.pg)
     .await?;
-    let mut sent: BTreeSet<i64> = BTreeSet::new();
-    let mut recent: Vec<(i64, DateTime<Utc>)> = Vec::new();
+    let mut cursor = OutboxCursor::new(high, &missing, Utc::now());
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -167,39 +234,36 @@ pub async fn run_outbox_relay(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let sent_ids: Vec<i64> = sent.iter().copied().collect();
+        // Two index scans: the rows above the mark, and the gaps by id.
         let rows: Result<Vec<Notice>, _> = sqlx::query_as(
-            "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
-             WHERE id > $1 AND NOT (id = ANY($2)) ORDER BY id LIMIT 1000",
+            "(SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
+              WHERE id > $1 ORDER BY id LIMIT 1000)
+             UNION ALL
+             (SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
+              WHERE id = ANY($2))",
         )
-        .bind(floor)
-        .bind(&sent_ids)
+        .bind(cursor.high)
+        .bind(cursor.gaps())
         .fetch_all(&state.pg)
         .await;
-        let rows = match rows {
+        let mut rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox relay could not read; retrying");
                 continue;
             }
         };
+        rows.sort_unstable_by_key(|n| n.id);
+        let now = Utc::now();
         for notice in rows {
-            sent.insert(notice.id);
-            recent.push((notice.id, notice.created_at));
+            if !cursor.read(notice.id, now) {
+                continue;
+            }
             metrics::counter!("purchase_outbox_relayed_total").increment(1);
             let _ = state.live.sender.send(Message::Notice(Arc::new(notice)));
         }
-        let settled_before = Utc::now() - SETTLE;
-        if let Some(settled) = recent
-            .iter()
-            .filter(|(_, at)| *at < settled_before)
-            .map(|(id, _)| *id)
-            .max()
-        {
-            floor = floor.max(settled);
-            recent.retain(|(id, _)| *id > floor);
-            sent = sent.split_off(&(floor + 1));
-        }
+        cursor.settle(now - SETTLE);
+        metrics::gauge!("purchase_outbox_relay_gaps").set(cursor.gaps.len() as f64);
     }
 }
 
@@ -372,4 +436,65 @@ async fn outbox_feed(
         notices,
         next_after,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn a_row_committed_after_a_higher_one_is_read_once_and_then_the_gap_closes() {
+        let mut cursor = OutboxCursor::new(10, &[], at(0));
+        // 11 and 13 still committing when 12 and 14 are read.
+        assert!(cursor.read(12, at(0)));
+        assert!(cursor.read(14, at(0)));
+        assert_eq!(cursor.gaps(), vec![11, 13]);
+        // A second read of the same rows sends nothing twice.
+        assert!(!cursor.read(12, at(1)));
+        assert!(!cursor.read(14, at(1)));
+        // 13 commits: read once, and no longer looked for.
+        assert!(cursor.read(13, at(1)));
+        assert!(!cursor.read(13, at(2)));
+        assert_eq!(cursor.gaps(), vec![11]);
+        // 11 was rolled back: forgotten once settled, never reported.
+        cursor.settle(at(0));
+        assert_eq!(cursor.gaps(), vec![11]);
+        cursor.settle(at(1));
+        assert!(cursor.gaps().is_empty());
+        assert!(
+            !cursor.read(9, at(3)),
+            "ids at or below the start are not new"
+        );
+    }
+
+    #[test]
+    fn ids_missing_at_start_are_looked_for() {
+        let mut cursor = OutboxCursor::new(100, &[97, 99, 120], at(0));
+        assert_eq!(
+            cursor.gaps(),
+            vec![97, 99],
+            "only ids below the start are gaps"
+        );
+        assert!(cursor.read(99, at(1)));
+        assert!(!cursor.read(98, at(1)), "98 existed at start: already read");
+        assert!(cursor.read(101, at(1)));
+        assert_eq!(cursor.gaps(), vec![97]);
+    }
+
+    #[test]
+    fn a_jump_of_the_sequence_keeps_only_the_newest_gaps() {
+        let mut cursor = OutboxCursor::new(0, &[], at(0));
+        assert!(cursor.read(MAX_GAPS as i64 * 3, at(0)));
+        let gaps = cursor.gaps();
+        assert_eq!(gaps.len(), MAX_GAPS);
+        assert_eq!(gaps.first(), Some(&(MAX_GAPS as i64 * 2)));
+        assert_eq!(gaps.last(), Some(&(MAX_GAPS as i64 * 3 - 1)));
+        // A late row inside the kept gaps is still delivered.
+        assert!(cursor.read(MAX_GAPS as i64 * 3 - 1, at(1)));
+        assert_eq!(cursor.gaps().len(), MAX_GAPS - 1);
+    }
 }
