@@ -152,8 +152,16 @@ async fn write_batches(
             batch
         };
         metrics::histogram!("buffer_join_batch_size").record(batch.len() as f64);
+        let started = std::time::Instant::now();
         match write(&pg, &batch).await {
-            Ok(rows) => answer(&signer, batch, rows),
+            Ok(rows) => {
+                metrics::histogram!("buffer_join_batch_seconds", "stage" => "write")
+                    .record(started.elapsed().as_secs_f64());
+                let started = std::time::Instant::now();
+                answer(&signer, batch, rows);
+                metrics::histogram!("buffer_join_batch_seconds", "stage" => "answer")
+                    .record(started.elapsed().as_secs_f64());
+            }
             Err(e) => {
                 tracing::error!(error = %e, joins = batch.len(), "join batch failed");
                 // Postgres out of reach or overloaded (no connection within the pool's

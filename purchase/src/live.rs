@@ -443,7 +443,7 @@ mod tests {
     use super::*;
 
     fn at(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("a valid timestamp")
     }
 
     #[test]
