@@ -534,3 +534,113 @@ async fn fifty_parallel_checkouts_with_one_pass_buy_once() {
     pg.close().await;
     env.cleanup().await;
 }
+
+/// Migration 0017 replaced the sale rows' foreign keys to their event with a delete trigger:
+/// deleting an event deletes its orders (with their tickets), holds, payments and notices, also
+/// while fans are taking holds on it, and a hold after the delete finds nothing to hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_an_event_deletes_its_sales_also_while_fans_hold_seats() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let app = in_process(&env, &signer, |_| {}).await;
+    let url = app.url();
+    let http = reqwest::Client::new();
+    let event = create_event_with(&http, &url, 4, 25).await;
+    let other = create_event(&http, &url).await;
+
+    // A sale on each event: an order (tickets, payment, notice) and an active hold.
+    for id in [event, other] {
+        let buyer = pass(&signer, id);
+        let (_, hold) = hold_one(&http, &url, id, &buyer).await;
+        let bought = checkout(&http, &url, id, &buyer, &hold)
+            .await
+            .expect("checkout");
+        assert_eq!(bought.status(), 201);
+        hold_one(&http, &url, id, &pass(&signer, id)).await;
+    }
+    let seats: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM seats WHERE event_id = $1 AND status = 'available' ORDER BY id",
+    )
+    .bind(event)
+    .fetch_all(&pg)
+    .await
+    .expect("seats");
+
+    // Forty fans hold seats while the event is deleted.
+    let holds = futures::future::join_all(seats.iter().take(40).map(|seat| {
+        let (http, url, fan) = (http.clone(), url.clone(), pass(&signer, event));
+        let seat = *seat;
+        async move {
+            let answer = http
+                .post(format!("{url}/api/v1/events/{event}/holds"))
+                .bearer_auth(&fan)
+                .json(&json!({ "seat_ids": [seat] }))
+                .send()
+                .await
+                .expect("hold");
+            let status = answer.status().as_u16();
+            let body: Value = answer.json().await.expect("json");
+            (status, body)
+        }
+    }));
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        sqlx::query("DELETE FROM events WHERE id = $1")
+            .bind(event)
+            .execute(&pg)
+            .await
+            .expect("delete the event")
+    };
+    let (answers, _) = tokio::join!(holds, delete);
+    for (status, body) in &answers {
+        assert!(
+            *status == 201
+                || (*status == 409 && body["error"] == "seat_unavailable")
+                || (*status == 404 && body["error"] == "seat_not_found"),
+            "a hold before the delete, its seat locked by it, or no seat after it: {status} {body}"
+        );
+    }
+
+    let left: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM seats WHERE event_id = $1),
+                (SELECT count(*) FROM holds WHERE event_id = $1),
+                (SELECT count(*) FROM orders WHERE event_id = $1),
+                (SELECT count(*) FROM tickets t
+                 WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = t.order_id)),
+                (SELECT count(*) FROM payments WHERE event_id = $1),
+                (SELECT count(*) FROM outbox WHERE event_id = $1)",
+    )
+    .bind(event)
+    .fetch_one(&pg)
+    .await
+    .expect("what is left");
+    assert_eq!(
+        left,
+        (0, 0, 0, 0, 0, 0),
+        "nothing of the deleted event's sale"
+    );
+    let kept: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM holds WHERE event_id = $1),
+                (SELECT count(*) FROM orders WHERE event_id = $1),
+                (SELECT count(*) FROM payments WHERE event_id = $1),
+                (SELECT count(*) FROM outbox WHERE event_id = $1)",
+    )
+    .bind(other)
+    .fetch_one(&pg)
+    .await
+    .expect("the other event");
+    assert_eq!(kept, (2, 1, 1, 1), "the other event's sale is untouched");
+
+    let late = http
+        .post(format!("{url}/api/v1/events/{event}/holds"))
+        .bearer_auth(pass(&signer, event))
+        .json(&json!({ "seat_ids": [seats[50]] }))
+        .send()
+        .await
+        .expect("hold");
+    assert_eq!(late.status(), 404, "no seats left to hold");
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
