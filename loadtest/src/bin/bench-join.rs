@@ -5,6 +5,13 @@
 //!
 //! The buffer and the bare handler run as separate processes (this binary started again with
 //! `--serve-bare`), so the load generator does not share their runtime.
+//!
+//! Each round loads both targets at every `--concurrency` level. The headline ratio compares
+//! capacities: the most joins per second the buffer accepted at any level over the most the bare
+//! handler served at any level. The two peak at different levels: the bare handler fills both
+//! cores with a hundred requests in flight, while a join is answered only after the group commit
+//! that holds it, so it needs more joins in flight to fill its batches (at 128 in flight it is
+//! bound by commit latency, with CPU to spare). The ratio at each level is printed as well.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +36,9 @@ struct Args {
     /// machine's speed drifts by ±10% between runs, so one round can mislead).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 128)]
-    concurrency: usize,
+    /// Requests in flight at once: each level is measured, for both targets, in every round.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
+    concurrency: Vec<usize>,
     #[command(flatten)]
     backends: fairgate_loadtest::bench::Backends,
     /// Port of the buffer process the bench starts.
@@ -107,39 +114,57 @@ async fn main() -> anyhow::Result<()> {
                 )
             })?,
     );
+    anyhow::ensure!(
+        !args.concurrency.is_empty() && !args.concurrency.contains(&0),
+        "--concurrency needs levels of at least 1"
+    );
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
+        .pool_max_idle_per_host(args.concurrency.iter().copied().max().unwrap_or(128))
         .build()?;
     wait_ready(&http, &format!("http://{bare_addr}/healthz")).await?;
     wait_ready(&http, &format!("http://{buffer_addr}/readyz")).await?;
 
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<Round> = Vec::new();
     for _ in 0..args.rounds.max(1) {
-        // Autovacuum visits the joins table after a round of inserts; the next round starts
-        // once it is done, so it never runs beside the bare handler only.
-        quiet_postgres(&pg).await?;
-        let bare_run = load(
-            &http,
-            &format!("http://{bare_addr}/join"),
-            args.requests,
-            args.concurrency,
-        )
-        .await;
-        let join_run = load(
-            &http,
-            &format!("http://{buffer_addr}/api/v1/events/{event}/join"),
-            args.requests,
-            args.concurrency,
-        )
-        .await;
+        let mut levels = Vec::new();
+        for &concurrency in &args.concurrency {
+            // Autovacuum visits the joins table after a round of inserts; the next load starts
+            // once it is done, so it never runs beside the bare handler only.
+            quiet_postgres(&pg).await?;
+            let bare_run = load(
+                &http,
+                &format!("http://{bare_addr}/join"),
+                args.requests,
+                concurrency,
+            )
+            .await;
+            let join_run = load(
+                &http,
+                &format!("http://{buffer_addr}/api/v1/events/{event}/join"),
+                args.requests,
+                concurrency,
+            )
+            .await;
+            println!(
+                "round {} at {concurrency:>5} in flight: bare {:>7.0} /s, join {:>7.0} /s, ratio {:.2}",
+                rounds.len() + 1,
+                bare_run.rps,
+                join_run.rps,
+                join_run.rps / bare_run.rps
+            );
+            levels.push(Level {
+                concurrency,
+                bare: bare_run,
+                join: join_run,
+            });
+        }
+        let round = Round { levels };
         println!(
-            "round {}: bare {:>7.0} /s, join {:>7.0} /s, ratio {:.2}",
+            "round {}: capacity ratio {:.2} (join's best over bare's best)",
             rounds.len() + 1,
-            bare_run.rps,
-            join_run.rps,
-            join_run.rps / bare_run.rps
+            round.capacity_ratio()
         );
-        rounds.push((bare_run, join_run));
+        rounds.push(round);
     }
     drop(buffer);
     drop(bare);
@@ -148,31 +173,44 @@ async fn main() -> anyhow::Result<()> {
         .bind(event)
         .fetch_one(&pg)
         .await?;
-    let join_errors: u64 = rounds.iter().map(|(_, join)| join.errors).sum();
-    let ratios: Vec<f64> = rounds
+    let join_errors: u64 = rounds
         .iter()
-        .map(|(bare, join)| join.rps / bare.rps)
-        .collect();
+        .flat_map(|r| &r.levels)
+        .map(|l| l.join.errors)
+        .sum();
+    let ratios: Vec<f64> = rounds.iter().map(Round::capacity_ratio).collect();
     let ratio = median(&ratios);
-    let (bare_run, join_run) = median_round(&rounds);
+    let round = median_round(&rounds);
     println!(
-        "requests per target        {} × {} rounds ({} in flight); medians below",
+        "requests per target        {} per level × {} rounds; figures of the median round",
         args.requests,
         rounds.len(),
-        args.concurrency
     );
     println!("redis-benchmark ZADD       {redis_rps:>9.0} /s");
+    for level in &round.levels {
+        println!(
+            "{:>5} in flight: bare axum + 1 Redis call {:>7.0} /s (p50 {:.2} ms, p99 {:.2} ms, errors {}); \
+             join (durable) {:>7.0} /s (p50 {:.2} ms, p99 {:.2} ms, errors {}); ratio {:.2}",
+            level.concurrency,
+            level.bare.rps,
+            level.bare.p50_ms,
+            level.bare.p99_ms,
+            level.bare.errors,
+            level.join.rps,
+            level.join.p50_ms,
+            level.join.p99_ms,
+            level.join.errors,
+            level.join.rps / level.bare.rps,
+        );
+    }
+    let (bare_best, join_best) = (round.best(|l| &l.bare), round.best(|l| &l.join));
     println!(
-        "bare axum + 1 Redis call   {:>9.0} /s   p50 {:.2} ms  p99 {:.2} ms  errors {}",
-        bare_run.rps, bare_run.p50_ms, bare_run.p99_ms, bare_run.errors
-    );
-    println!(
-        "fairgate join (durable)    {:>9.0} /s   p50 {:.2} ms  p99 {:.2} ms  errors {}",
-        join_run.rps, join_run.p50_ms, join_run.p99_ms, join_run.errors
+        "capacity: bare {:.0} /s at {} in flight, join {:.0} /s at {} in flight",
+        bare_best.bare.rps, bare_best.concurrency, join_best.join.rps, join_best.concurrency
     );
     println!("joins stored in Postgres   {stored}");
     println!(
-        "ratio join / bare          {ratio:.2} median of {:?} (target ≥ 0.50)",
+        "capacity ratio join / bare {ratio:.2} median of {:?} (target ≥ 0.50)",
         ratios
             .iter()
             .map(|r| (r * 100.0).round() / 100.0)
@@ -183,16 +221,21 @@ async fn main() -> anyhow::Result<()> {
             path,
             serde_json::to_vec_pretty(&serde_json::json!({
                 "requests": args.requests,
-                "rounds": rounds.iter().map(|(bare, join)| serde_json::json!({
-                    "bare_axum_redis_rps": bare.rps, "join_rps": join.rps,
-                    "ratio": join.rps / bare.rps,
-                })).collect::<Vec<_>>(),
                 "concurrency": args.concurrency,
+                "rounds": rounds.iter().map(|r| serde_json::json!({
+                    "capacity_ratio": r.capacity_ratio(),
+                    "levels": r.levels.iter().map(|l| serde_json::json!({
+                        "concurrency": l.concurrency,
+                        "bare_axum_redis_rps": l.bare.rps,
+                        "join_rps": l.join.rps,
+                        "join_p50_ms": l.join.p50_ms,
+                        "join_p99_ms": l.join.p99_ms,
+                        "ratio": l.join.rps / l.bare.rps,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
                 "redis_benchmark_zadd_rps": redis_rps,
-                "bare_axum_redis_rps": bare_run.rps,
-                "join_rps": join_run.rps,
-                "join_p50_ms": join_run.p50_ms,
-                "join_p99_ms": join_run.p99_ms,
+                "bare_axum_redis_rps": bare_best.bare.rps,
+                "join_rps": join_best.join.rps,
                 "join_errors": join_errors,
                 "joins_stored": stored,
                 "ratio": ratio,
@@ -208,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
     client.init().await?;
     let _: i64 = client.del("bench:bare:counter").await?;
     anyhow::ensure!(
-        stored as u64 == args.requests * rounds.len() as u64 - join_errors,
+        stored as u64
+            == args.requests * (rounds.len() * args.concurrency.len()) as u64 - join_errors,
         "a join was lost"
     );
     Ok(())
@@ -236,12 +280,38 @@ fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
-/// The round whose ratio is the median one.
-fn median_round(rounds: &[(Run, Run)]) -> (&Run, &Run) {
-    let mut order: Vec<&(Run, Run)> = rounds.iter().collect();
-    order.sort_by(|a, b| (a.1.rps / a.0.rps).total_cmp(&(b.1.rps / b.0.rps)));
-    let (bare, join) = order[order.len() / 2];
-    (bare, join)
+/// The round whose capacity ratio is the median one.
+fn median_round(rounds: &[Round]) -> &Round {
+    let mut order: Vec<&Round> = rounds.iter().collect();
+    order.sort_by(|a, b| a.capacity_ratio().total_cmp(&b.capacity_ratio()));
+    order[order.len() / 2]
+}
+
+/// Both targets at one level of requests in flight.
+struct Level {
+    concurrency: usize,
+    bare: Run,
+    join: Run,
+}
+
+/// Every level of one round.
+struct Round {
+    levels: Vec<Level>,
+}
+
+impl Round {
+    /// The level where `target` served the most requests per second.
+    fn best(&self, target: impl Fn(&Level) -> &Run) -> &Level {
+        self.levels
+            .iter()
+            .max_by(|a, b| target(a).rps.total_cmp(&target(b).rps))
+            .expect("a round measures at least one level")
+    }
+
+    /// The buffer's best over the bare handler's best.
+    fn capacity_ratio(&self) -> f64 {
+        self.best(|l| &l.join).join.rps / self.best(|l| &l.bare).bare.rps
+    }
 }
 
 struct Run {
