@@ -21,6 +21,7 @@ use shared::ApiError;
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::order_writer::NewOrder;
 use crate::passgate::Pass;
 use crate::payments::ChargeOutcome;
 use crate::AppState;
@@ -432,11 +433,11 @@ async fn store<'e>(
     Ok(())
 }
 
-/// Sells the hold's seats in one round trip (`fg_commit_order`, migration 0013): if the hold
-/// still owns every seat (locked in id order), the seats, the order with its tickets, the
+/// Sells the hold's seats through the order writer (group commit, `order_writer.rs`): if the
+/// hold still owns every seat (locked in id order), the seats, the order with its tickets, the
 /// answer stored for retries, the outbox row, the settled payment and the sold-out mark are
-/// written in one autocommitted statement. Returns the answer and whether this sold the last
-/// place.
+/// written in one transaction, shared with the other orders ready at that moment. Returns the
+/// answer and whether this sold the last place.
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     state: &AppState,
@@ -475,35 +476,35 @@ async fn commit(
         status: StatusCode::CREATED,
         body: serde_json::to_value(&view).map_err(ApiError::internal)?,
     };
-    let (code, sold_out): (String, bool) = sqlx::query_as(
-        "SELECT * FROM fg_commit_order($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(buyer.event.get())
-    .bind(buyer.jti)
-    .bind(&buyer.identity)
-    .bind(hold_id)
-    .bind(&seat_ids)
-    .bind(total)
-    .bind(reference)
-    .bind(order_id)
-    .bind(created_at)
-    .bind(&codes)
-    .bind(key)
-    .bind(&done.body)
-    .bind(payment_key)
-    .fetch_one(&state.pg)
-    .await
-    .map_err(|e| match violated_constraint(&e) {
-        Some("orders_one_per_pass") => ApiError::Conflict(
-            "pass_used",
-            "this pass has already been used for a purchase; the charge was refunded".into(),
-        ),
-        Some("orders_one_per_hold") => ApiError::Conflict(
-            "hold_not_active",
-            "this hold was already bought; the charge was refunded".into(),
-        ),
-        _ => ApiError::from(e),
-    })?;
+    let (code, sold_out) = state
+        .order_writer
+        .commit(NewOrder {
+            event: buyer.event.get(),
+            jti: buyer.jti,
+            identity: buyer.identity.clone(),
+            hold_id,
+            seat_ids,
+            codes,
+            total_cents: total,
+            reference: reference.to_owned(),
+            order_id,
+            created_at,
+            key: key.to_owned(),
+            body: done.body.clone(),
+            payment_key: payment_key.to_owned(),
+        })
+        .await
+        .map_err(|e| match violated_constraint(&e) {
+            Some("orders_one_per_pass") => ApiError::Conflict(
+                "pass_used",
+                "this pass has already been used for a purchase; the charge was refunded".into(),
+            ),
+            Some("orders_one_per_hold") => ApiError::Conflict(
+                "hold_not_active",
+                "this hold was already bought; the charge was refunded".into(),
+            ),
+            _ => ApiError::from(e),
+        })?;
     match code.as_str() {
         "ordered" => Ok((done, sold_out)),
         "hold_expired" => Err(ApiError::Conflict(

@@ -94,6 +94,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_SEAT_MAP_READS", default_value_t = 4)]
     pub seat_map_reads: usize,
 
+    /// Tasks committing the orders of charged checkouts; each commits every order waiting at
+    /// once, in one transaction (group commit).
+    #[arg(long, env = "FAIRGATE_ORDER_WRITERS", default_value_t = 2)]
+    pub order_writers: usize,
+
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
     #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
     pub outbox_relay_ms: u64,

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod checkout;
 pub mod config;
 pub mod live;
+pub mod order_writer;
 pub mod orders;
 pub mod organizer;
 pub mod pages;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub support: shared::auth::NamedTokens,
     pub live: live::LiveHub,
     pub orders: orders::OrderKeys,
+    /// Commits the orders of charged checkouts in batches (group commit).
+    pub order_writer: order_writer::OrderWriter,
     /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
     /// not take every pooled connection from holds and checkouts).
     pub seat_map_reads: Arc<tokio::sync::Semaphore>,
@@ -107,6 +110,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
+        order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
         config: Arc::new(config),
         pg,
         redis,

@@ -39,9 +39,9 @@ pub fn metrics_handle() -> PrometheusHandle {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ])
                 .expect("static bucket list is non-empty")
-                // Sizes, not seconds: how many joins one transaction carried.
+                // Sizes, not seconds: how many joins or orders one transaction carried.
                 .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full("buffer_join_batch_size".into()),
+                    metrics_exporter_prometheus::Matcher::Suffix("_batch_size".into()),
                     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
                 )
                 .expect("static bucket list is non-empty")

@@ -16,6 +16,7 @@ mod bad_input;
 mod catalog;
 mod fan_refunds;
 mod live;
+mod order_batches;
 mod stripe;
 
 const ORGANIZER: &str = "organizer-token-for-reconcile";
