@@ -135,21 +135,8 @@ async fn write_batches(
     shutdown: CancellationToken,
 ) {
     loop {
-        let batch = {
-            let mut receiver = receiver.lock().await;
-            let first = tokio::select! {
-                item = receiver.recv() => item,
-                _ = shutdown.cancelled() => receiver.try_recv().ok(),
-            };
-            let Some(first) = first else { return };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
-            batch
+        let Some(batch) = shared::batch::next(&receiver, MAX_BATCH, &shutdown).await else {
+            return;
         };
         metrics::histogram!("buffer_join_batch_size").record(batch.len() as f64);
         let started = std::time::Instant::now();

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Most orders in one transaction.
@@ -56,7 +57,8 @@ pub struct OrderWriter {
 
 impl OrderWriter {
     /// Starts `writers` writer tasks on `pg`. They stop once every handle is dropped and the
-    /// queue is drained.
+    /// queue is drained, not at shutdown: checkouts still running while the service drains its
+    /// requests have charged cards and need their orders committed.
     pub fn start(pg: PgPool, writers: usize) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -78,20 +80,10 @@ impl OrderWriter {
 }
 
 async fn write_batches(pg: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    let never = CancellationToken::new();
     loop {
-        let batch = {
-            let mut receiver = receiver.lock().await;
-            let Some(first) = receiver.recv().await else {
-                return;
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(item) => batch.push(item),
-                    Err(_) => break,
-                }
-            }
-            batch
+        let Some(batch) = shared::batch::next(&receiver, MAX_BATCH, &never).await else {
+            return;
         };
         metrics::histogram!("purchase_order_batch_size").record(batch.len() as f64);
         if batch.len() > 1 {

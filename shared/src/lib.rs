@@ -5,6 +5,7 @@
 //! Nothing here knows about one service's features; a piece lands here once two services need it.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod draw;
