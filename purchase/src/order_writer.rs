@@ -5,9 +5,10 @@
 //! order is answered only after the transaction that holds it has committed.
 //!
 //! Each order keeps its own answer: one whose hold lost a seat is `hold_expired` while the
-//! others commit. A call that fails (a pass or hold already used for an order trips a unique
-//! constraint, which aborts the whole statement) is retried one order at a time with
+//! others commit. A call Postgres refuses (a pass or hold already used for an order trips a
+//! unique constraint, which aborts the whole statement) is retried one order at a time with
 //! `fg_commit_order`, so each order gets exactly the answer or error it would have got alone.
+//! A call whose connection fails is not retried: it may have committed.
 
 use std::sync::Arc;
 
@@ -105,9 +106,23 @@ async fn write_batches(pg: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>
                     }
                     continue;
                 }
-                Err(e) => {
+                // Postgres refused the statement (or no connection was free): nothing of the
+                // batch was written, so each order is tried alone.
+                Err(e @ (sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut)) => {
                     metrics::counter!("purchase_order_batches_retried_total").increment(1);
                     tracing::debug!(error = %e, orders = batch.len(), "order batch failed; committing one by one");
+                }
+                // The connection failed mid-call: the batch may have committed, so trying the
+                // orders again could refund sold seats; their checkouts fail like a single
+                // order's would, and reconciliation settles the payments from what was stored.
+                Err(e) => {
+                    tracing::warn!(error = %e, orders = batch.len(), "order batch outcome unknown");
+                    for pending in batch {
+                        let _ = pending.reply.send(Err(sqlx::Error::Protocol(format!(
+                            "the order batch's outcome is unknown: {e}"
+                        ))));
+                    }
+                    continue;
                 }
             }
         }
