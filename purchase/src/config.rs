@@ -99,6 +99,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_ORDER_WRITERS", default_value_t = 2)]
     pub order_writers: usize,
 
+    /// Writer tasks taking holds of named seats: each takes the holds that arrived together
+    /// at once, in one transaction (group commit).
+    #[arg(long, env = "FAIRGATE_HOLD_WRITERS", default_value_t = 2)]
+    pub hold_writers: usize,
+
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
     #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
     pub outbox_relay_ms: u64,

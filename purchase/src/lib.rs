@@ -9,6 +9,7 @@
 pub mod catalog;
 pub mod checkout;
 pub mod config;
+pub mod hold_writer;
 pub mod live;
 pub mod order_writer;
 pub mod orders;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub orders: orders::OrderKeys,
     /// Commits the orders of charged checkouts in batches (group commit).
     pub order_writer: order_writer::OrderWriter,
+    /// Takes holds of named seats in batches (group commit).
+    pub hold_writer: hold_writer::HoldWriter,
     /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
     /// not take every pooled connection from holds and checkouts).
     pub seat_map_reads: Arc<tokio::sync::Semaphore>,
@@ -111,6 +114,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
+        hold_writer: hold_writer::HoldWriter::start(pg.clone(), config.hold_writers),
         config: Arc::new(config),
         pg,
         redis,

@@ -10,12 +10,8 @@
 //! `fg_commit_order`, so each order gets exactly the answer or error it would have got alone.
 //! A call whose connection fails is not retried: it may have committed.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Most orders in one transaction.
@@ -46,14 +42,11 @@ pub struct NewOrder {
 /// `hold_expired`; a database error is the one `fg_commit_order` raised for this order.
 pub type Outcome = Result<(String, bool), sqlx::Error>;
 
-struct Pending {
-    order: NewOrder,
-    reply: oneshot::Sender<Outcome>,
-}
+type Pending = shared::batch::Pending<NewOrder, Outcome>;
 
 #[derive(Clone)]
 pub struct OrderWriter {
-    queue: mpsc::Sender<Pending>,
+    writers: shared::batch::Writers<NewOrder, Outcome>,
 }
 
 impl OrderWriter {
@@ -61,75 +54,66 @@ impl OrderWriter {
     /// queue is drained, not at shutdown: checkouts still running while the service drains its
     /// requests have charged cards and need their orders committed.
     pub fn start(pg: PgPool, writers: usize) -> Self {
-        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..writers.max(1) {
-            tokio::spawn(write_batches(pg.clone(), receiver.clone()));
-        }
-        OrderWriter { queue }
+        let writers =
+            shared::batch::Writers::start(writers, MAX_BATCH, QUEUE_DEPTH, move |batch| {
+                write_batch(pg.clone(), batch)
+            });
+        OrderWriter { writers }
     }
 
     /// Commits `order` (with whatever other orders are waiting) and returns its outcome.
     pub async fn commit(&self, order: NewOrder) -> Outcome {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Pending { order, reply })
+        self.writers
+            .submit(order)
             .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
-async fn write_batches(pg: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
-    let never = CancellationToken::new();
-    loop {
-        let Some(batch) = shared::batch::next(&receiver, MAX_BATCH, &never).await else {
-            return;
-        };
-        metrics::histogram!("purchase_order_batch_size").record(batch.len() as f64);
-        if batch.len() > 1 {
-            match commit_batch(&pg, &batch).await {
-                Ok(outcomes) if outcomes.len() == batch.len() => {
-                    for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                        let _ = pending.reply.send(Ok(outcome));
-                    }
-                    continue;
+async fn write_batch(pg: PgPool, batch: Vec<Pending>) {
+    metrics::histogram!("purchase_order_batch_size").record(batch.len() as f64);
+    if batch.len() > 1 {
+        match commit_batch(&pg, &batch).await {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(Ok(outcome));
                 }
-                Ok(_) => {
-                    // Cannot happen (one row per order); the batch may have committed, so no
-                    // order is tried again here: reconciliation settles their payments.
-                    tracing::error!("fg_commit_orders answered for the wrong orders");
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(sqlx::Error::Protocol(
-                            "fg_commit_orders answered for the wrong orders".into(),
-                        )));
-                    }
-                    continue;
+                return;
+            }
+            Ok(_) => {
+                // Cannot happen (one row per order); the batch may have committed, so no
+                // order is tried again here: reconciliation settles their payments.
+                tracing::error!("fg_commit_orders answered for the wrong orders");
+                for pending in batch {
+                    let _ = pending.reply.send(Err(sqlx::Error::Protocol(
+                        "fg_commit_orders answered for the wrong orders".into(),
+                    )));
                 }
-                // Postgres refused the statement (or no connection was free): nothing of the
-                // batch was written, so each order is tried alone.
-                Err(e @ (sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut)) => {
-                    metrics::counter!("purchase_order_batches_retried_total").increment(1);
-                    tracing::debug!(error = %e, orders = batch.len(), "order batch failed; committing one by one");
+                return;
+            }
+            // Postgres refused the statement (or no connection was free): nothing of the
+            // batch was written, so each order is tried alone.
+            Err(e @ (sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut)) => {
+                metrics::counter!("purchase_order_batches_retried_total").increment(1);
+                tracing::debug!(error = %e, orders = batch.len(), "order batch failed; committing one by one");
+            }
+            // The connection failed mid-call: the batch may have committed, so trying the
+            // orders again could refund sold seats; their checkouts fail like a single
+            // order's would, and reconciliation settles the payments from what was stored.
+            Err(e) => {
+                tracing::warn!(error = %e, orders = batch.len(), "order batch outcome unknown");
+                for pending in batch {
+                    let _ = pending.reply.send(Err(sqlx::Error::Protocol(format!(
+                        "the order batch's outcome is unknown: {e}"
+                    ))));
                 }
-                // The connection failed mid-call: the batch may have committed, so trying the
-                // orders again could refund sold seats; their checkouts fail like a single
-                // order's would, and reconciliation settles the payments from what was stored.
-                Err(e) => {
-                    tracing::warn!(error = %e, orders = batch.len(), "order batch outcome unknown");
-                    for pending in batch {
-                        let _ = pending.reply.send(Err(sqlx::Error::Protocol(format!(
-                            "the order batch's outcome is unknown: {e}"
-                        ))));
-                    }
-                    continue;
-                }
+                return;
             }
         }
-        for pending in batch {
-            let outcome = commit_one(&pg, &pending.order).await;
-            let _ = pending.reply.send(outcome);
-        }
+    }
+    for pending in batch {
+        let outcome = commit_one(&pg, &pending.item).await;
+        let _ = pending.reply.send(outcome);
     }
 }
 
@@ -157,7 +141,7 @@ async fn commit_one(pg: &PgPool, o: &NewOrder) -> Outcome {
 
 /// The whole batch in one statement (`fg_commit_orders`, migration 0018); outcomes in order.
 async fn commit_batch(pg: &PgPool, batch: &[Pending]) -> Result<Vec<(String, bool)>, sqlx::Error> {
-    let orders: Vec<&NewOrder> = batch.iter().map(|p| &p.order).collect();
+    let orders: Vec<&NewOrder> = batch.iter().map(|p| &p.item).collect();
     let (mut seat_order, mut seat_ids, mut codes) = (Vec::new(), Vec::new(), Vec::new());
     for (index, order) in orders.iter().enumerate() {
         for (seat, code) in order.seat_ids.iter().zip(&order.codes) {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::hold_writer::{HoldOutcome, NewHold};
 use crate::passgate::Pass;
 use crate::AppState;
 
@@ -156,19 +157,10 @@ pub(crate) async fn lock_seats(
     .await?)
 }
 
-/// What `fg_hold` (migrations 0013, 0014) answers.
-#[derive(sqlx::FromRow)]
-struct HoldOutcome {
-    code: String,
-    seat_ids: Option<Vec<i64>>,
-    freed: Option<Vec<i64>>,
-    total_cents: Option<i64>,
-    detail: Option<String>,
-}
-
-/// Takes the hold in one round trip: `fg_hold` locks the seats in id order, checks them and
-/// replaces the pass's previous hold, all in one autocommitted statement (see migrations 0013, 0014
-/// for the rules, the same as before it moved there).
+/// Takes the hold in one round trip. Named seats go through the hold writer (group commit,
+/// `hold_writer.rs`, migration 0019); general admission by quantity calls `fg_hold` directly.
+/// Either way the seats are locked in id order without waiting, checked, and held all or
+/// nothing, replacing the pass's previous hold (see migrations 0013, 0014 and 0019).
 #[instrument(skip_all, fields(event = %pass.event))]
 async fn hold(
     State(state): State<AppState>,
@@ -176,32 +168,50 @@ async fn hold(
     Json(request): Json<HoldRequest>,
 ) -> Result<(StatusCode, Json<HoldView>), ApiError> {
     let wanted = request.wanted(pass.claims.lim as usize)?;
-    let (seat_ids, ticket_type, quantity) = match &wanted {
-        Wanted::Seats(ids) => (ids.as_slice(), None, None),
-        Wanted::General {
-            ticket_type,
-            quantity,
-        } => (&[][..], Some(ticket_type.as_str()), Some(*quantity as i32)),
-    };
     let hold_id = Uuid::now_v7();
     // Whole microseconds, as Postgres keeps them: the answer matches what is stored.
     let expires_at = (Utc::now() + chrono::Duration::seconds(state.config.hold_ttl_secs as i64))
         .trunc_subsecs(6);
-    let outcome: HoldOutcome = sqlx::query_as("SELECT * FROM fg_hold($1, $2, $3, $4, $5, $6, $7)")
-        .bind(pass.event.get())
-        .bind(pass.claims.jti)
-        .bind(seat_ids)
-        .bind(ticket_type)
-        .bind(quantity)
-        .bind(hold_id)
-        .bind(expires_at)
-        .fetch_one(&state.pg)
-        .await?;
+    let (outcome, ticket_type, quantity): (HoldOutcome, _, _) = match wanted {
+        Wanted::Seats(seat_ids) => {
+            let outcome = state
+                .hold_writer
+                .hold(NewHold {
+                    event: pass.event.get(),
+                    jti: pass.claims.jti,
+                    seat_ids,
+                    hold_id,
+                    expires_at,
+                })
+                .await?;
+            (outcome, None, None)
+        }
+        Wanted::General {
+            ticket_type,
+            quantity,
+        } => {
+            let outcome = sqlx::query_as("SELECT * FROM fg_hold($1, $2, '{}', $3, $4, $5, $6)")
+                .bind(pass.event.get())
+                .bind(pass.claims.jti)
+                .bind(&ticket_type)
+                .bind(quantity as i32)
+                .bind(hold_id)
+                .bind(expires_at)
+                .fetch_one(&state.pg)
+                .await?;
+            (outcome, Some(ticket_type), Some(quantity as i32))
+        }
+    };
     let detail = outcome.detail.unwrap_or_default();
     let (Some(seat_ids), Some(mut freed), Some(total_cents)) =
         (outcome.seat_ids, outcome.freed, outcome.total_cents)
     else {
-        return Err(hold_refusal(&outcome.code, &detail, ticket_type, quantity));
+        return Err(hold_refusal(
+            &outcome.code,
+            &detail,
+            ticket_type.as_deref(),
+            quantity,
+        ));
     };
     freed.retain(|id| !seat_ids.contains(id));
     crate::live::seats_changed(&state, pass.event, &freed, "available").await;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 mod bad_input;
 mod catalog;
 mod fan_refunds;
+mod hold_batches;
 mod live;
 mod order_batches;
 mod stripe;
@@ -160,6 +161,37 @@ async fn create_event_with(http: &reqwest::Client, url: &str, rows: i32, per_row
         .await
         .expect("json");
     created["id"].as_i64().expect("event id")
+}
+
+/// A hold of `seats` for `jti`, straight through `fg_hold`; returns the hold id.
+pub(crate) async fn fg_hold(
+    pg: &sqlx::PgPool,
+    event: i64,
+    seats: &[i64],
+    jti: uuid::Uuid,
+) -> uuid::Uuid {
+    let hold_id = uuid::Uuid::now_v7();
+    let (code,): (String,) =
+        sqlx::query_as("SELECT code FROM fg_hold($1, $2, $3, NULL, NULL, $4, $5)")
+            .bind(event)
+            .bind(jti)
+            .bind(seats)
+            .bind(hold_id)
+            .bind(chrono::Utc::now() + chrono::Duration::minutes(5))
+            .fetch_one(pg)
+            .await
+            .expect("fg_hold");
+    assert_eq!(code, "held");
+    hold_id
+}
+
+/// The ids of the event's seats, in order.
+async fn seat_ids(pg: &sqlx::PgPool, event: i64) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM seats WHERE event_id = $1 ORDER BY id")
+        .bind(event)
+        .fetch_all(pg)
+        .await
+        .expect("seats")
 }
 
 /// The event's seat map as the pass holder sees it.

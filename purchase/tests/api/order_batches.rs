@@ -11,23 +11,6 @@ use shared::testing::TestEnv;
 use shared::token::{Signer, SigningKey};
 use uuid::Uuid;
 
-/// A hold of `seat` for a new pass, straight through `fg_hold`; returns (jti, hold id).
-async fn hold(pg: &sqlx::PgPool, event: i64, seat: i64, jti: Uuid) -> Uuid {
-    let hold_id = Uuid::now_v7();
-    let (code,): (String,) =
-        sqlx::query_as("SELECT code FROM fg_hold($1, $2, ARRAY[$3]::bigint[], NULL, NULL, $4, $5)")
-            .bind(event)
-            .bind(jti)
-            .bind(seat)
-            .bind(hold_id)
-            .bind(Utc::now() + chrono::Duration::minutes(5))
-            .fetch_one(pg)
-            .await
-            .expect("fg_hold");
-    assert_eq!(code, "held");
-    hold_id
-}
-
 fn order(event: i64, jti: Uuid, hold_id: Uuid, seat: i64, n: usize) -> NewOrder {
     NewOrder {
         event,
@@ -54,12 +37,7 @@ async fn orders_committed_together_keep_their_own_answers() {
     let app = crate::in_process(&env, &signer, |_| {}).await;
     let http = reqwest::Client::new();
     let event = crate::create_event_with(&http, &app.url(), 1, 40).await;
-    let seats: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM seats WHERE event_id = $1 ORDER BY id")
-            .bind(event)
-            .fetch_all(&pg)
-            .await
-            .expect("seats");
+    let seats: Vec<i64> = crate::seat_ids(&pg, event).await;
 
     // Thirty orders of thirty passes; orders 5 and 17 lost their hold's seat (expired), and
     // order 29 uses the pass of order 28 (which buys first: one order per pass).
@@ -70,13 +48,8 @@ async fn orders_committed_together_keep_their_own_answers() {
         } else {
             Uuid::new_v4()
         };
-        let hold_id = hold(
-            &pg,
-            event,
-            *seat,
-            if n == 29 { Uuid::new_v4() } else { jti },
-        )
-        .await;
+        let holder = if n == 29 { Uuid::new_v4() } else { jti };
+        let hold_id = crate::fg_hold(&pg, event, &[*seat], holder).await;
         orders.push(order(event, jti, hold_id, *seat, n));
     }
     sqlx::query("UPDATE seats SET held_until = now() - interval '1 second' WHERE id = ANY($1)")

@@ -1,0 +1,288 @@
+//! Group commit of holds (`hold_writer.rs`, migration 0019): holds taken together keep their own
+//! answers — each refusal is the one `fg_hold` gives alone and writes nothing — a batch naming a
+//! pass or a seat twice is split so the later request sees the earlier one, and a pass's second
+//! hold replaces its first.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use purchase::hold_writer::{HoldWriter, NewHold, Outcome};
+use shared::testing::TestEnv;
+use shared::token::{Signer, SigningKey};
+use uuid::Uuid;
+
+fn request(event: i64, jti: Uuid, seats: &[i64]) -> NewHold {
+    NewHold {
+        event,
+        jti,
+        seat_ids: seats.to_vec(),
+        hold_id: Uuid::now_v7(),
+        expires_at: Utc::now() + chrono::Duration::minutes(5),
+    }
+}
+
+fn summary(outcome: &Outcome) -> (String, Vec<i64>, Vec<i64>, Option<i64>, String) {
+    let o = outcome.as_ref().expect("no database error");
+    (
+        o.code.clone(),
+        o.seat_ids.clone().unwrap_or_default(),
+        o.freed.clone().unwrap_or_default(),
+        o.total_cents,
+        o.detail.clone().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_taken_together_keep_their_own_answers() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let app = crate::in_process(&env, &signer, |_| {}).await;
+    let http = reqwest::Client::new();
+    let event = crate::create_event_with(&http, &app.url(), 1, 40).await;
+    let other_event = crate::create_event_with(&http, &app.url(), 1, 2).await;
+    let s: Vec<i64> = crate::seat_ids(&pg, event).await;
+    let elsewhere: i64 = sqlx::query_scalar("SELECT min(id) FROM seats WHERE event_id = $1")
+        .bind(other_event)
+        .fetch_one(&pg)
+        .await
+        .expect("seat of another event");
+    let general: i64 = sqlx::query_scalar(
+        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
+         VALUES ($1, 'Floor', 'GA', 1, 1000, 'general') RETURNING id",
+    )
+    .bind(event)
+    .fetch_one(&pg)
+    .await
+    .expect("a general-admission place");
+
+    // A pass that has bought (seat 30), a pass with an active hold (seat 31), a seat someone
+    // holds (32), a seat another transaction has locked (33), and a pass whose first hold (35)
+    // is kept waiting so that everything after it queues up for one batch.
+    let used = Uuid::new_v4();
+    let used_hold = crate::fg_hold(&pg, event, &[s[30]], used).await;
+    let (ordered,): (String,) = sqlx::query_as(
+        "SELECT code FROM fg_commit_order($1, $2, 'site:used', $3, $4, 2500, 'sb_ch_used',
+                                          $5, now(), $6, 'k', '{}'::jsonb, 'pk')",
+    )
+    .bind(event)
+    .bind(used)
+    .bind(used_hold)
+    .bind(vec![s[30]])
+    .bind(Uuid::now_v7())
+    .bind(vec![format!("FG-USED-{}", Uuid::new_v4().simple())])
+    .fetch_one(&pg)
+    .await
+    .expect("order");
+    assert_eq!(ordered, "ordered");
+    let active = Uuid::new_v4();
+    crate::fg_hold(&pg, event, &[s[31]], active).await;
+    crate::fg_hold(&pg, event, &[s[32]], Uuid::new_v4()).await;
+    let waiting = Uuid::new_v4();
+    let waiting_hold = crate::fg_hold(&pg, event, &[s[35]], waiting).await;
+
+    let mut seat_locker = pg.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM seats WHERE id = $1 FOR UPDATE")
+        .bind(s[33])
+        .execute(&mut *seat_locker)
+        .await
+        .expect("lock a seat");
+    let mut blocker = pg.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind(waiting_hold)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock a hold");
+
+    let writer = HoldWriter::start(pg.clone(), 1);
+    let first = tokio::spawn({
+        let (writer, first) = (writer.clone(), request(event, waiting, &[s[36]]));
+        async move { writer.hold(first).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let twice = Uuid::new_v4();
+    let requests = vec![
+        request(event, Uuid::new_v4(), &[s[0], s[1]]), // 0: held
+        request(event, used, &[s[2]]),                 // 1: pass_used
+        request(event, active, &[s[3]]),               // 2: replaces its hold (fg_hold)
+        request(event, Uuid::new_v4(), &[s[4], s[32]]), // 3: 32 is held
+        request(event, Uuid::new_v4(), &[s[5], s[33]]), // 4: 33 is locked
+        request(event, Uuid::new_v4(), &[s[6], 999_999_999]), // 5: no such seat
+        request(event, Uuid::new_v4(), &[s[7], elsewhere]), // 6: another event's seat
+        request(event, Uuid::new_v4(), &[s[8], s[9]]), // 7: held
+        request(event, twice, &[s[10]]),               // 8: held
+        request(event, twice, &[s[11]]),               // 9: after 8, replaces it
+        request(event, Uuid::new_v4(), &[s[0]]),       // 10: after 0, which took it
+        request(event, Uuid::new_v4(), &[s[12], general]), // 11: a general place
+    ];
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.hold_id).collect();
+    let pending = tokio::spawn({
+        let writer = writer.clone();
+        let requests = requests.clone();
+        async move {
+            futures::future::join_all(requests.into_iter().map(|r| {
+                let writer = writer.clone();
+                async move { writer.hold(r).await }
+            }))
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker.rollback().await.expect("release the locks");
+    let first = first.await.expect("first");
+    assert_eq!(summary(&first).0, "held", "{first:?}");
+    let outcomes = pending.await.expect("holds");
+    seat_locker.rollback().await.expect("release the seat");
+
+    let list = |ids: &[i64]| {
+        ids.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let held = |seats: &[i64], freed: &[i64], total: i64| {
+        (
+            "held".to_owned(),
+            seats.to_vec(),
+            freed.to_vec(),
+            Some(total),
+            String::new(),
+        )
+    };
+    let refused = |code: &str, detail: String| (code.to_owned(), vec![], vec![], None, detail);
+    let expected = vec![
+        held(&[s[0], s[1]], &[], 5000),
+        refused("pass_used", String::new()),
+        held(&[s[3]], &[s[31]], 2500),
+        refused("seat_unavailable", list(&[s[32]])),
+        refused("seat_unavailable", list(&[s[33]])),
+        refused("seat_not_found", "999999999".into()),
+        refused("seat_not_found", list(&[elsewhere])),
+        held(&[s[8], s[9]], &[], 5000),
+        held(&[s[10]], &[], 2500),
+        held(&[s[11]], &[s[10]], 2500),
+        refused("seat_unavailable", list(&[s[0]])),
+        refused("general_by_quantity", String::new()),
+    ];
+    for (n, (outcome, expected)) in outcomes.iter().zip(expected).enumerate() {
+        assert_eq!(summary(outcome), expected, "request {n}");
+    }
+
+    // Requests 0 and 7 were taken in one transaction (8 too, but 9 has since released it);
+    // nothing of a refusal was written.
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM holds WHERE id = ANY($1)")
+            .bind(vec![ids[0], ids[7]])
+            .fetch_one(&pg)
+            .await
+            .expect("transactions");
+    assert_eq!(transactions, 1, "one batch");
+    let written: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM holds WHERE id = ANY($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&pg)
+            .await
+            .expect("holds");
+    let mut taken = vec![ids[0], ids[2], ids[7], ids[8], ids[9]];
+    taken.sort();
+    assert_eq!(written, taken);
+    let statuses: Vec<(i64, String, Option<Uuid>)> =
+        sqlx::query_as("SELECT id, status, hold_id FROM seats WHERE id = ANY($1) ORDER BY id")
+            .bind(vec![
+                s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[10], s[11], s[12], s[31], general,
+            ])
+            .fetch_all(&pg)
+            .await
+            .expect("seats");
+    let status = |seat: i64| {
+        statuses
+            .iter()
+            .find(|(id, ..)| *id == seat)
+            .map(|(_, status, hold)| (status.as_str(), *hold))
+            .expect("seat")
+    };
+    assert_eq!(status(s[0]), ("held", Some(ids[0])));
+    assert_eq!(status(s[1]), ("held", Some(ids[0])));
+    assert_eq!(status(s[3]), ("held", Some(ids[2])));
+    assert_eq!(status(s[11]), ("held", Some(ids[9])));
+    for seat in [s[2], s[4], s[5], s[6], s[7], s[10], s[12], s[31], general] {
+        assert_eq!(status(seat), ("available", None), "seat {seat}");
+    }
+    let replaced: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM holds WHERE jti = ANY($1) ORDER BY id")
+            .bind(vec![active, twice])
+            .fetch_all(&pg)
+            .await
+            .expect("replaced holds");
+    assert_eq!(replaced, ["released", "active", "released", "active"]);
+
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crowd_of_holds_in_batches_never_gives_a_seat_twice() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let app = crate::in_process(&env, &signer, |_| {}).await;
+    let http = reqwest::Client::new();
+    let event = crate::create_event_with(&http, &app.url(), 1, 20).await;
+    let seats: Vec<i64> = crate::seat_ids(&pg, event).await;
+
+    // 600 holds of two adjacent seats out of 20, from 300 passes (each asks twice), through
+    // two writers at once.
+    let writer = HoldWriter::start(pg.clone(), 2);
+    let passes: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
+    let requests: Vec<NewHold> = (0..600)
+        .map(|n| {
+            let first = (n * 7) % (seats.len() - 1);
+            request(event, passes[n % 300], &[seats[first], seats[first + 1]])
+        })
+        .collect();
+    let outcomes = futures::future::join_all(requests.iter().cloned().map(|r| {
+        let writer = writer.clone();
+        async move { writer.hold(r).await }
+    }))
+    .await;
+    let mut held = 0;
+    for (r, outcome) in requests.iter().zip(&outcomes) {
+        let code = summary(outcome).0;
+        assert!(
+            ["held", "seat_unavailable"].contains(&code.as_str()),
+            "{code} for {r:?}"
+        );
+        held += usize::from(code == "held");
+    }
+    assert!(held > 0, "the first holds of free seats were taken");
+
+    // Every held seat belongs to an active hold that names it, no active hold has lost a seat,
+    // and no pass has two active holds.
+    let (orphans, broken, doubled, holds): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT
+           (SELECT count(*) FROM seats s WHERE s.event_id = $1 AND s.status = 'held'
+              AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.id = s.hold_id
+                                AND h.status = 'active' AND s.id = ANY(h.seat_ids))),
+           (SELECT count(*) FROM holds h, unnest(h.seat_ids) AS seat
+              WHERE h.event_id = $1 AND h.status = 'active'
+                AND NOT EXISTS (SELECT 1 FROM seats s WHERE s.id = seat
+                                  AND s.hold_id = h.id AND s.status = 'held')),
+           (SELECT count(*) FROM (SELECT jti FROM holds WHERE event_id = $1
+                                  AND status = 'active' GROUP BY jti HAVING count(*) > 1) d),
+           (SELECT count(*) FROM holds WHERE event_id = $1)",
+    )
+    .bind(event)
+    .fetch_one(&pg)
+    .await
+    .expect("invariants");
+    assert_eq!((orphans, broken, doubled), (0, 0, 0));
+    assert_eq!(
+        holds as usize, held,
+        "a hold row for every hold answered held"
+    );
+
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
