@@ -385,7 +385,7 @@ pub(crate) async fn settle(
             if sold_out {
                 close_line(state, buyer).await;
             }
-            crate::live::seats_changed(state, buyer.event, &hold.seat_ids, "sold").await;
+            crate::live::seats_changed(state, buyer.event, &hold.seat_ids, "sold");
             finish_shopper(state, buyer).await;
             metrics::counter!("purchase_orders_total").increment(1);
             Ok(done)

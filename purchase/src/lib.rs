@@ -106,12 +106,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     if let Err(e) = passes.refresh().await {
         tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");
     }
+    let (live, seat_changes) = live::LiveHub::new(config.live_max_streams, shutdown.clone());
     let state = AppState {
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
         payments: provider(&config).await?,
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
-        live: live::LiveHub::new(config.live_max_streams, shutdown.clone()),
+        live,
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
         hold_writer: hold_writer::HoldWriter::start(pg.clone(), config.hold_writers),
@@ -127,6 +128,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     running.spawn(live::run_seat_subscriber(
         state.clone(),
         state.config.common.clone(),
+        shutdown.clone(),
+    ));
+    running.spawn(live::run_seat_publisher(
+        state.clone(),
+        seat_changes,
         shutdown.clone(),
     ));
     running.spawn(live::run_outbox_relay(

@@ -79,6 +79,8 @@ enum Message {
 #[derive(Clone)]
 pub struct LiveHub {
     sender: broadcast::Sender<Message>,
+    /// Seat changes waiting for the publisher.
+    changes: tokio::sync::mpsc::Sender<SeatChange>,
     open: Arc<AtomicUsize>,
     max_streams: usize,
     /// Ends every stream at shutdown (they would otherwise hold the server open).
@@ -86,13 +88,20 @@ pub struct LiveHub {
 }
 
 impl LiveHub {
-    pub fn new(max_streams: usize, shutdown: CancellationToken) -> Self {
-        LiveHub {
+    /// The hub, and the queue of seat changes to hand to [`run_seat_publisher`].
+    pub fn new(
+        max_streams: usize,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::sync::mpsc::Receiver<SeatChange>) {
+        let (changes, queued) = tokio::sync::mpsc::channel(CHANGES_QUEUED);
+        let hub = LiveHub {
             sender: broadcast::channel(8192).0,
+            changes,
             open: Arc::default(),
             max_streams,
             shutdown,
-        }
+        };
+        (hub, queued)
     }
 }
 
@@ -102,8 +111,10 @@ fn seats_channel(state: &AppState) -> String {
 }
 
 /// Tells every instance (and so every watching fan) that `seat_ids` of `event` are now `status`.
-/// Call after the change has committed.
-pub async fn seats_changed(state: &AppState, event: EventId, seat_ids: &[i64], status: &str) {
+/// Call after the change has committed. The change is queued for the instance's publisher
+/// ([`run_seat_publisher`]), which sends what is waiting together: a rush of holds and sales
+/// costs a few `PUBLISH`es (and a few messages to every watcher) instead of two per purchase.
+pub fn seats_changed(state: &AppState, event: EventId, seat_ids: &[i64], status: &str) {
     if seat_ids.is_empty() {
         return;
     }
@@ -112,17 +123,79 @@ pub async fn seats_changed(state: &AppState, event: EventId, seat_ids: &[i64], s
         seat_ids: seat_ids.to_vec(),
         status: status.to_owned(),
     };
-    let Ok(raw) = serde_json::to_string(&change) else {
-        return;
-    };
-    let published: Result<i64, _> = state
-        .redis
-        .client()
-        .publish(seats_channel(state), raw)
-        .await;
-    if let Err(e) = published {
-        tracing::warn!(error = %e, "could not publish a seat change");
+    match state.live.changes.try_send(change) {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+            metrics::counter!("purchase_seat_changes_dropped_total").increment(1);
+            tracing::warn!("seat change publisher is behind; a seat change was not published");
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+            tracing::debug!("shutting down: a seat change was not published");
+        }
     }
+}
+
+/// Most seat changes queued for publishing; past that they are dropped (they are best effort,
+/// and clients read the seat map again after a reconnect).
+const CHANGES_QUEUED: usize = 65_536;
+/// Most queued changes merged into one round of publishing.
+const CHANGES_PER_ROUND: usize = 4_096;
+
+/// Merges `changes` (in the order they were made) into one change per event and status, each
+/// seat under the status it had last.
+pub(crate) fn coalesce(changes: Vec<SeatChange>) -> Vec<SeatChange> {
+    let mut last: BTreeMap<(i64, i64), (usize, String)> = BTreeMap::new();
+    for (n, change) in changes.into_iter().enumerate() {
+        for seat in change.seat_ids {
+            last.insert((change.event_id, seat), (n, change.status.clone()));
+        }
+    }
+    // Grouped by event and status, the groups in the order of their latest change.
+    let mut groups: BTreeMap<(i64, String), (usize, Vec<i64>)> = BTreeMap::new();
+    for ((event_id, seat), (n, status)) in last {
+        let group = groups.entry((event_id, status)).or_default();
+        group.0 = group.0.max(n);
+        group.1.push(seat);
+    }
+    let mut merged: Vec<(usize, SeatChange)> = groups
+        .into_iter()
+        .map(|((event_id, status), (n, seat_ids))| {
+            (
+                n,
+                SeatChange {
+                    event_id,
+                    seat_ids,
+                    status,
+                },
+            )
+        })
+        .collect();
+    merged.sort_by_key(|(n, _)| *n);
+    merged.into_iter().map(|(_, change)| change).collect()
+}
+
+/// Publishes the instance's seat changes: whatever is waiting, merged, one `PUBLISH` per event
+/// and status. Drains the queue at shutdown.
+pub async fn run_seat_publisher(
+    state: AppState,
+    changes: tokio::sync::mpsc::Receiver<SeatChange>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = seats_channel(&state);
+    let changes = tokio::sync::Mutex::new(changes);
+    while let Some(round) = shared::batch::next(&changes, CHANGES_PER_ROUND, &shutdown).await {
+        for change in coalesce(round) {
+            let Ok(raw) = serde_json::to_string(&change) else {
+                continue;
+            };
+            let published: Result<i64, _> =
+                state.redis.client().publish(channel.as_str(), raw).await;
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "could not publish a seat change");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One subscription per instance to the seat changes of every event.
@@ -440,6 +513,35 @@ async fn outbox_feed(
 
 #[cfg(test)]
 mod tests {
+
+    fn change(event_id: i64, seat_ids: &[i64], status: &str) -> SeatChange {
+        SeatChange {
+            event_id,
+            seat_ids: seat_ids.to_vec(),
+            status: status.into(),
+        }
+    }
+
+    #[test]
+    fn seat_changes_merge_per_event_and_status_and_each_seat_keeps_its_last_status() {
+        let merged = coalesce(vec![
+            change(1, &[10, 11], "held"),
+            change(2, &[20], "held"),
+            change(1, &[12], "held"),
+            change(1, &[10, 11], "sold"),
+            change(1, &[12], "available"),
+            change(2, &[21], "held"),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                change(1, &[10, 11], "sold"),
+                change(1, &[12], "available"),
+                change(2, &[20, 21], "held"),
+            ]
+        );
+        assert!(coalesce(Vec::new()).is_empty());
+    }
     use super::*;
 
     fn at(secs: i64) -> DateTime<Utc> {

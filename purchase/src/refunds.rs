@@ -156,7 +156,7 @@ pub async fn refund_order(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    crate::live::seats_changed(state, event, &seat_ids, "available").await;
+    crate::live::seats_changed(state, event, &seat_ids, "available");
     tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
     reopen_line(state, event).await;
     let status = match finish_refund(state, order_id, &payment_ref).await {

@@ -214,8 +214,8 @@ async fn hold(
         ));
     };
     freed.retain(|id| !seat_ids.contains(id));
-    crate::live::seats_changed(&state, pass.event, &freed, "available").await;
-    crate::live::seats_changed(&state, pass.event, &seat_ids, "held").await;
+    crate::live::seats_changed(&state, pass.event, &freed, "available");
+    crate::live::seats_changed(&state, pass.event, &seat_ids, "held");
     metrics::counter!("purchase_holds_total").increment(1);
     Ok((
         StatusCode::CREATED,
@@ -299,7 +299,7 @@ async fn release(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    crate::live::seats_changed(&state, pass.event, &freed, "available").await;
+    crate::live::seats_changed(&state, pass.event, &freed, "available");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -329,7 +329,7 @@ pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> a
                 }
                 for (event, seats) in by_event {
                     if let Some(event) = EventId::new(event) {
-                        crate::live::seats_changed(&state, event, &seats, "available").await;
+                        crate::live::seats_changed(&state, event, &seats, "available");
                     }
                 }
             }
