@@ -5,11 +5,14 @@
 //!
 //! The sandbox keeps its books in Postgres (`sandbox_charges`), standing for an external
 //! provider whose memory outlives a crash of ours — otherwise a retried key after a restart
-//! would charge again.
+//! would charge again. Like a processor's own books, it records the charges that arrive together
+//! in one statement (group commit): a sale's rush costs it a few transactions, not one per card.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use shared::batch::{Pending, Writers};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -56,14 +59,31 @@ pub struct Sandbox {
     pg: PgPool,
     latency: Duration,
     failure_rate: f64,
+    /// Records charges in batches, as a card processor's own books would.
+    ledger: Writers<LedgerEntry, Recorded>,
+}
+
+/// The outcome and reference stored under a charge's key, or why the ledger could not tell.
+type Recorded = Result<(String, String), String>;
+
+/// A charge the sandbox is asked to record: the first under its key decides.
+struct LedgerEntry {
+    key: String,
+    reference: String,
+    amount_cents: i64,
+    outcome: &'static str,
 }
 
 impl Sandbox {
     pub fn new(pg: PgPool, latency: Duration, failure_rate: f64) -> Self {
+        let ledger_pg = pg.clone();
         Sandbox {
             pg,
             latency,
             failure_rate: failure_rate.clamp(0.0, 1.0),
+            ledger: Writers::start(2, 256, 4_096, move |batch| {
+                record_charges(ledger_pg.clone(), batch)
+            }),
         }
     }
 
@@ -71,6 +91,93 @@ impl Sandbox {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
+    }
+}
+
+/// Records a batch of charges in one statement: each key's first charge is stored, and every
+/// entry is answered with its key's stored outcome and reference (an earlier charge's, if the
+/// key was used before or twice in this batch).
+async fn record_charges(pg: PgPool, batch: Vec<Pending<LedgerEntry, Recorded>>) {
+    let recorded: Result<Vec<(String, String, String)>, sqlx::Error> = sqlx::query_as(
+        "WITH asked AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])
+                 AS a(idempotency_key, reference, amount_cents, outcome)),
+         created AS (
+             INSERT INTO sandbox_charges (idempotency_key, reference, amount_cents, outcome)
+             SELECT * FROM asked ON CONFLICT (idempotency_key) DO NOTHING
+             RETURNING idempotency_key, outcome, reference)
+         SELECT idempotency_key, outcome, reference FROM created
+         UNION ALL
+         SELECT c.idempotency_key, c.outcome, c.reference FROM sandbox_charges c
+         WHERE c.idempotency_key IN (SELECT idempotency_key FROM asked)
+           AND c.idempotency_key NOT IN (SELECT idempotency_key FROM created)",
+    )
+    .bind(
+        batch
+            .iter()
+            .map(|p| p.item.key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        batch
+            .iter()
+            .map(|p| p.item.reference.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        batch
+            .iter()
+            .map(|p| p.item.amount_cents)
+            .collect::<Vec<_>>(),
+    )
+    .bind(batch.iter().map(|p| p.item.outcome).collect::<Vec<_>>())
+    .fetch_all(&pg)
+    .await;
+    // A key another transaction stored after this statement began is not in its snapshot: it
+    // is read back by a statement of its own.
+    let recorded = match recorded {
+        Ok(mut rows) if rows.len() < batch.len() => {
+            let missing: Vec<&str> = batch
+                .iter()
+                .map(|p| p.item.key.as_str())
+                .filter(|key| !rows.iter().any(|(k, ..)| k == key))
+                .collect();
+            if !missing.is_empty() {
+                match sqlx::query_as(
+                    "SELECT idempotency_key, outcome, reference FROM sandbox_charges
+                     WHERE idempotency_key = ANY($1)",
+                )
+                .bind(&missing)
+                .fetch_all(&pg)
+                .await
+                {
+                    Ok(more) => rows.extend(more),
+                    Err(e) => tracing::warn!(error = %e, "sandbox ledger read-back failed"),
+                }
+            }
+            Ok(rows)
+        }
+        other => other,
+    };
+    let recorded: HashMap<String, (String, String)> = match recorded {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(key, code, reference)| (key, (code, reference)))
+            .collect(),
+        Err(e) => {
+            let e = e.to_string();
+            for pending in batch {
+                let _ = pending.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    for pending in batch {
+        let answer = recorded
+            .get(&pending.item.key)
+            .cloned()
+            .ok_or_else(|| "charge vanished".to_owned());
+        let _ = pending.reply.send(answer);
     }
 }
 
@@ -118,25 +225,18 @@ impl PaymentProvider for Sandbox {
             _ => "card_declined",
         };
         // The first charge under a key decides; later ones read it back.
-        let created: Option<(String, String)> = sqlx::query_as(
-            "INSERT INTO sandbox_charges (idempotency_key, reference, amount_cents, outcome)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (idempotency_key) DO NOTHING
-             RETURNING outcome, reference",
-        )
-        .bind(key)
-        .bind(format!("sb_ch_{}", Uuid::now_v7().simple()))
-        .bind(amount_cents)
-        .bind(code)
-        .fetch_optional(&self.pg)
-        .await
-        .map_err(unavailable)?;
-        match created {
-            Some((code, reference)) => Ok(outcome(&code, reference)),
-            None => self
-                .lookup(key)
-                .await?
-                .ok_or_else(|| PaymentError::Unavailable("charge vanished".into())),
-        }
+        let (code, reference) = self
+            .ledger
+            .submit(LedgerEntry {
+                key: key.to_owned(),
+                reference: format!("sb_ch_{}", Uuid::now_v7().simple()),
+                amount_cents,
+                outcome: code,
+            })
+            .await
+            .unwrap_or_else(|| Err("the sandbox ledger stopped".into()))
+            .map_err(PaymentError::Unavailable)?;
+        Ok(outcome(&code, reference))
     }
 
     async fn lookup(&self, key: &str) -> Result<Option<ChargeOutcome>, PaymentError> {

@@ -18,6 +18,7 @@ mod fan_refunds;
 mod hold_batches;
 mod live;
 mod order_batches;
+mod sandbox;
 mod stripe;
 
 const ORGANIZER: &str = "organizer-token-for-reconcile";
