@@ -21,6 +21,7 @@ use shared::ApiError;
 use tracing::instrument;
 use uuid::Uuid;
 
+use crate::begin_writer::NewStart;
 use crate::order_writer::NewOrder;
 use crate::passgate::Pass;
 use crate::payments::ChargeOutcome;
@@ -194,22 +195,12 @@ enum Begun {
     },
 }
 
-/// What `fg_checkout_begin` (migration 0013) answers.
-#[derive(sqlx::FromRow)]
-struct BeginOutcome {
-    code: String,
-    status_code: Option<i32>,
-    response: Option<serde_json::Value>,
-    seat_ids: Option<Vec<i64>>,
-    total_cents: Option<i64>,
-    detail: Option<String>,
-}
-
 /// One round trip: a key already used answers with its stored answer (409 while it runs, 422
-/// with another body); otherwise one statement claims the key and the hold for this checkout and
-/// records the payment about to be taken (the record reconciliation starts from). Nothing is
-/// charged unless all three stand. A concurrent claim of the same key waits on the key's primary
-/// key until the first commits, then answers as that one left it.
+/// with another body); otherwise the key and the hold are claimed for this checkout and the
+/// payment about to be taken is recorded (the record reconciliation starts from), in one
+/// transaction shared with the checkouts starting at the same moment (`begin_writer.rs`). Nothing
+/// is charged unless all three stand. A concurrent claim of the same key waits on the key's
+/// primary key until the first commits, then answers as that one left it.
 async fn begin(
     state: &AppState,
     buyer: &Buyer,
@@ -218,19 +209,20 @@ async fn begin(
     request: &CheckoutRequest,
 ) -> Result<Begun, ApiError> {
     let payment_key = format!("{}:{key}", buyer.jti);
-    let outcome: BeginOutcome =
-        sqlx::query_as("SELECT * FROM fg_checkout_begin($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-            .bind(buyer.event.get())
-            .bind(buyer.jti)
-            .bind(key)
-            .bind(hash)
-            .bind(request.hold_id)
-            .bind(&payment_key)
-            .bind(state.payments.name())
-            .bind(&buyer.identity)
-            .bind(buyer.ticket.0)
-            .fetch_one(&state.pg)
-            .await?;
+    let outcome = state
+        .begin_writer
+        .submit(NewStart {
+            event: buyer.event.get(),
+            jti: buyer.jti,
+            key: key.to_owned(),
+            hash: hash.to_vec(),
+            hold_id: request.hold_id,
+            payment_key: payment_key.clone(),
+            provider: state.payments.name(),
+            identity: buyer.identity.clone(),
+            ticket: buyer.ticket.0,
+        })
+        .await?;
     match outcome.code.as_str() {
         "claimed" => {
             let (Some(seat_ids), Some(total)) = (outcome.seat_ids, outcome.total_cents) else {

@@ -104,6 +104,11 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_HOLD_WRITERS", default_value_t = 2)]
     pub hold_writers: usize,
 
+    /// Writer tasks starting checkouts (claiming the key and the hold, recording the pending
+    /// payment): each starts every checkout waiting at once, in one transaction (group commit).
+    #[arg(long, env = "FAIRGATE_CHECKOUT_WRITERS", default_value_t = 2)]
+    pub checkout_writers: usize,
+
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
     #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
     pub outbox_relay_ms: u64,

@@ -6,6 +6,7 @@
 //! commits the seats); a checkout retried with the same `Idempotency-Key` never charges twice;
 //! no row lock is held across the call to the payment provider.
 
+pub mod begin_writer;
 pub mod catalog;
 pub mod checkout;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod payments;
 pub mod reconcile;
 pub mod refunds;
 pub mod reports;
+pub mod rounds;
 pub mod seats;
 pub mod stripe;
 
@@ -50,6 +52,8 @@ pub struct AppState {
     pub order_writer: order_writer::OrderWriter,
     /// Takes holds of named seats in batches (group commit).
     pub hold_writer: hold_writer::HoldWriter,
+    /// Starts checkouts in batches (group commit).
+    pub begin_writer: begin_writer::BeginWriter,
     /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
     /// not take every pooled connection from holds and checkouts).
     pub seat_map_reads: Arc<tokio::sync::Semaphore>,
@@ -116,6 +120,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
         hold_writer: hold_writer::HoldWriter::start(pg.clone(), config.hold_writers),
+        begin_writer: begin_writer::BeginWriter::start(pg.clone(), config.checkout_writers),
         config: Arc::new(config),
         pg,
         redis,

@@ -176,7 +176,7 @@ async fn hold(
         Wanted::Seats(seat_ids) => {
             let outcome = state
                 .hold_writer
-                .hold(NewHold {
+                .submit(NewHold {
                     event: pass.event.get(),
                     jti: pass.claims.jti,
                     seat_ids,

@@ -97,7 +97,7 @@ async fn holds_taken_together_keep_their_own_answers() {
     let writer = HoldWriter::start(pg.clone(), 1);
     let first = tokio::spawn({
         let (writer, first) = (writer.clone(), request(event, waiting, &[s[36]]));
-        async move { writer.hold(first).await }
+        async move { writer.submit(first).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let twice = Uuid::new_v4();
@@ -122,7 +122,7 @@ async fn holds_taken_together_keep_their_own_answers() {
         async move {
             futures::future::join_all(requests.into_iter().map(|r| {
                 let writer = writer.clone();
-                async move { writer.hold(r).await }
+                async move { writer.submit(r).await }
             }))
             .await
         }
@@ -243,7 +243,7 @@ async fn a_crowd_of_holds_in_batches_never_gives_a_seat_twice() {
         .collect();
     let outcomes = futures::future::join_all(requests.iter().cloned().map(|r| {
         let writer = writer.clone();
-        async move { writer.hold(r).await }
+        async move { writer.submit(r).await }
     }))
     .await;
     let mut held = 0;

@@ -13,6 +13,7 @@ use shared::token::{PassClaims, Signer, SigningKey, TokenKind};
 use uuid::Uuid;
 
 mod bad_input;
+mod begin_batches;
 mod catalog;
 mod fan_refunds;
 mod hold_batches;

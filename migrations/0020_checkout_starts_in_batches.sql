@@ -1,0 +1,94 @@
+-- Group commit of checkout starts. `fg_checkout_begin` (0013) claims an Idempotency-Key, marks
+-- the hold as being paid for and records the pending payment: eight statements and a commit
+-- per checkout, most of its time spent starting statements. The purchase service now hands the
+-- checkouts that start together to one call of the function below, which does the common case
+-- — a fresh key, the pass's own active hold — once for the whole batch, with the same effect
+-- per checkout as fg_checkout_begin:
+--   * the key is claimed (`checkout_requests`, state 'running'); a key another transaction
+--     claims first is left to it;
+--   * the hold, which must be the pass's, in this event, active and unexpired, becomes
+--     'paying', so no second checkout of it can charge the card again;
+--   * the pending payment that reconciliation starts from is recorded with the hold's total.
+-- Every other case answers 'defer' and leaves nothing behind in this call (a key it claimed for
+-- a checkout that then cannot go on is given back in the same statement): the service runs
+-- those checkouts through fg_checkout_begin one at a time, which gives each its precise answer
+-- (a replay, a reused key, a key still running, a hold not found, used, paying or expired).
+-- The caller never sends one pass twice in a batch.
+--
+-- Checkouts are parallel arrays indexed 1..n. Answers: 'claimed' (seat_ids, total_cents) or
+-- 'defer'.
+CREATE FUNCTION fg_checkout_begins(p_event BIGINT[], p_jti UUID[], p_key TEXT[], p_hash BYTEA[],
+                                   p_hold UUID[], p_payment_key TEXT[], p_provider TEXT,
+                                   p_identity TEXT[], p_ticket UUID[])
+RETURNS TABLE (req INTEGER, code TEXT, seat_ids BIGINT[], total_cents BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n INTEGER := cardinality(p_jti);
+    v_fresh INTEGER[];
+    v_claimed INTEGER[];
+    v_paying INTEGER[];
+BEGIN
+    -- Fresh: no request under this key yet, the hold is the pass's own in this event, and the
+    -- pass has not bought.
+    SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_fresh
+    FROM generate_series(1, v_n) AS i
+    JOIN holds h ON h.id = p_hold[i] AND h.event_id = p_event[i] AND h.jti = p_jti[i]
+    WHERE NOT EXISTS (SELECT 1 FROM checkout_requests c
+                      WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i])
+      AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.jti = p_jti[i]);
+
+    IF cardinality(v_fresh) > 0 THEN
+        WITH claimed AS (
+            INSERT INTO checkout_requests (jti, idempotency_key, request_hash, state)
+            SELECT p_jti[i], p_key[i], p_hash[i], 'running' FROM unnest(v_fresh) AS i
+            -- One order of insertion for every batch: two batches claiming the same keys wait
+            -- for each other in one direction only.
+            ORDER BY p_jti[i], p_key[i]
+            ON CONFLICT DO NOTHING
+            RETURNING jti, idempotency_key)
+        SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_claimed
+        FROM unnest(v_fresh) AS i
+        WHERE EXISTS (SELECT 1 FROM claimed c
+                      WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i]);
+    ELSE
+        v_claimed := '{}';
+    END IF;
+
+    IF cardinality(v_claimed) > 0 THEN
+        WITH paying AS (
+            UPDATE holds h SET status = 'paying'
+            WHERE h.id IN (SELECT p_hold[i] FROM unnest(v_claimed) AS i)
+              AND h.status = 'active' AND h.expires_at > now()
+            RETURNING h.id)
+        SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_paying
+        FROM unnest(v_claimed) AS i WHERE p_hold[i] IN (SELECT id FROM paying);
+
+        -- Keys claimed for holds that cannot be paid for are given back: nothing stays behind.
+        DELETE FROM checkout_requests c
+        USING unnest(v_claimed) AS i
+        WHERE NOT (i = ANY(v_paying))
+          AND c.jti = p_jti[i] AND c.idempotency_key = p_key[i];
+
+        INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
+                              identity, ticket_id, hold_id, checkout_key)
+        SELECT p_payment_key[i], p_provider,
+               (SELECT COALESCE(sum(s.price_cents), 0) FROM seats s WHERE s.id = ANY(h.seat_ids)),
+               'pending', p_event[i], p_jti[i], p_identity[i], p_ticket[i], p_hold[i], p_key[i]
+        FROM unnest(v_paying) AS i JOIN holds h ON h.id = p_hold[i]
+        ORDER BY i
+        ON CONFLICT DO NOTHING;
+    ELSE
+        v_paying := '{}';
+    END IF;
+
+    RETURN QUERY
+    SELECT i,
+           CASE WHEN i = ANY(v_paying) THEN 'claimed' ELSE 'defer' END,
+           CASE WHEN i = ANY(v_paying) THEN h.seat_ids END,
+           CASE WHEN i = ANY(v_paying) THEN
+               (SELECT COALESCE(sum(s.price_cents), 0)::BIGINT
+                FROM seats s WHERE s.id = ANY(h.seat_ids)) END
+    FROM generate_series(1, v_n) AS i
+    LEFT JOIN holds h ON h.id = p_hold[i];
+END;
+$$;
