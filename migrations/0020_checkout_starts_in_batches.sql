@@ -17,6 +17,8 @@
 --
 -- Checkouts are parallel arrays indexed 1..n. Answers: 'claimed' (seat_ids, total_cents) or
 -- 'defer'.
+-- Every row is found through an index by one of the checkout's own keys (`= ANY`, or a
+-- subquery per checkout), never by a join the planner could turn into a scan of `holds`.
 CREATE FUNCTION fg_checkout_begins(p_event BIGINT[], p_jti UUID[], p_key TEXT[], p_hash BYTEA[],
                                    p_hold UUID[], p_payment_key TEXT[], p_provider TEXT,
                                    p_identity TEXT[], p_ticket UUID[])
@@ -25,15 +27,19 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_n INTEGER := cardinality(p_jti);
     v_fresh INTEGER[];
-    v_claimed INTEGER[];
-    v_paying INTEGER[];
+    v_claimed INTEGER[] := '{}';
+    v_paying INTEGER[] := '{}';
+    v_paying_holds UUID[];
+    v_totals BIGINT[];
+    v_back INTEGER;
 BEGIN
     -- Fresh: no request under this key yet, the hold is the pass's own in this event, and the
     -- pass has not bought.
     SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_fresh
     FROM generate_series(1, v_n) AS i
-    JOIN holds h ON h.id = p_hold[i] AND h.event_id = p_event[i] AND h.jti = p_jti[i]
-    WHERE NOT EXISTS (SELECT 1 FROM checkout_requests c
+    WHERE EXISTS (SELECT 1 FROM holds h
+                  WHERE h.id = p_hold[i] AND h.event_id = p_event[i] AND h.jti = p_jti[i])
+      AND NOT EXISTS (SELECT 1 FROM checkout_requests c
                       WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i])
       AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.jti = p_jti[i]);
 
@@ -50,45 +56,46 @@ BEGIN
         FROM unnest(v_fresh) AS i
         WHERE EXISTS (SELECT 1 FROM claimed c
                       WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i]);
-    ELSE
-        v_claimed := '{}';
     END IF;
 
     IF cardinality(v_claimed) > 0 THEN
         WITH paying AS (
             UPDATE holds h SET status = 'paying'
-            WHERE h.id IN (SELECT p_hold[i] FROM unnest(v_claimed) AS i)
+            WHERE h.id = ANY(ARRAY(SELECT p_hold[i] FROM unnest(v_claimed) AS i))
               AND h.status = 'active' AND h.expires_at > now()
             RETURNING h.id)
+        SELECT COALESCE(array_agg(id), '{}') INTO v_paying_holds FROM paying;
         SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_paying
-        FROM unnest(v_claimed) AS i WHERE p_hold[i] IN (SELECT id FROM paying);
+        FROM unnest(v_claimed) AS i WHERE p_hold[i] = ANY(v_paying_holds);
 
         -- Keys claimed for holds that cannot be paid for are given back: nothing stays behind.
-        DELETE FROM checkout_requests c
-        USING unnest(v_claimed) AS i
-        WHERE NOT (i = ANY(v_paying))
-          AND c.jti = p_jti[i] AND c.idempotency_key = p_key[i];
-
-        INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
-                              identity, ticket_id, hold_id, checkout_key)
-        SELECT p_payment_key[i], p_provider,
-               (SELECT COALESCE(sum(s.price_cents), 0) FROM seats s WHERE s.id = ANY(h.seat_ids)),
-               'pending', p_event[i], p_jti[i], p_identity[i], p_ticket[i], p_hold[i], p_key[i]
-        FROM unnest(v_paying) AS i JOIN holds h ON h.id = p_hold[i]
-        ORDER BY i
-        ON CONFLICT DO NOTHING;
-    ELSE
-        v_paying := '{}';
+        FOR v_back IN SELECT x FROM unnest(v_claimed) AS x WHERE x <> ALL(v_paying) LOOP
+            DELETE FROM checkout_requests c
+            WHERE c.jti = p_jti[v_back] AND c.idempotency_key = p_key[v_back];
+        END LOOP;
     END IF;
+
+    -- The total of each paying hold (aligned with v_paying), from its seats' prices.
+    SELECT COALESCE(array_agg(
+               (SELECT COALESCE(sum(s.price_cents), 0)::BIGINT
+                FROM holds h JOIN seats s ON s.id = ANY(h.seat_ids) WHERE h.id = p_hold[i])
+               ORDER BY i), '{}')
+    INTO v_totals FROM unnest(v_paying) AS i;
+    INSERT INTO payments (idempotency_key, provider, amount_cents, status, event_id, jti,
+                          identity, ticket_id, hold_id, checkout_key)
+    SELECT p_payment_key[v_paying[k]], p_provider, v_totals[k], 'pending', p_event[v_paying[k]],
+           p_jti[v_paying[k]], p_identity[v_paying[k]], p_ticket[v_paying[k]],
+           p_hold[v_paying[k]], p_key[v_paying[k]]
+    FROM generate_subscripts(v_paying, 1) AS k
+    ORDER BY k
+    ON CONFLICT DO NOTHING;
 
     RETURN QUERY
     SELECT i,
-           CASE WHEN i = ANY(v_paying) THEN 'claimed' ELSE 'defer' END,
-           CASE WHEN i = ANY(v_paying) THEN h.seat_ids END,
-           CASE WHEN i = ANY(v_paying) THEN
-               (SELECT COALESCE(sum(s.price_cents), 0)::BIGINT
-                FROM seats s WHERE s.id = ANY(h.seat_ids)) END
-    FROM generate_series(1, v_n) AS i
-    LEFT JOIN holds h ON h.id = p_hold[i];
+           CASE WHEN array_position(v_paying, i) IS NULL THEN 'defer' ELSE 'claimed' END,
+           CASE WHEN array_position(v_paying, i) IS NOT NULL THEN
+               (SELECT h.seat_ids FROM holds h WHERE h.id = p_hold[i]) END,
+           v_totals[array_position(v_paying, i)]
+    FROM generate_series(1, v_n) AS i;
 END;
 $$;

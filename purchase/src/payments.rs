@@ -104,7 +104,9 @@ async fn record_charges(pg: PgPool, batch: Vec<Pending<LedgerEntry, Recorded>>) 
                  AS a(idempotency_key, reference, amount_cents, outcome)),
          created AS (
              INSERT INTO sandbox_charges (idempotency_key, reference, amount_cents, outcome)
-             SELECT * FROM asked ON CONFLICT (idempotency_key) DO NOTHING
+             -- In key order: batches sharing keys wait for each other one way only.
+             SELECT * FROM asked ORDER BY idempotency_key
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING idempotency_key, outcome, reference)
          SELECT idempotency_key, outcome, reference FROM created
          UNION ALL
