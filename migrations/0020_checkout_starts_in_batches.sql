@@ -35,13 +35,17 @@ DECLARE
 BEGIN
     -- Fresh: no request under this key yet, the hold is the pass's own in this event, and the
     -- pass has not bought.
-    SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_fresh
-    FROM generate_series(1, v_n) AS i
-    WHERE EXISTS (SELECT 1 FROM holds h
-                  WHERE h.id = p_hold[i] AND h.event_id = p_event[i] AND h.jti = p_jti[i])
-      AND NOT EXISTS (SELECT 1 FROM checkout_requests c
-                      WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i])
-      AND NOT EXISTS (SELECT 1 FROM orders o WHERE o.jti = p_jti[i]);
+    -- (Scalar subqueries, one index probe each: as EXISTS in WHERE the planner would turn
+    -- them into joins and, not knowing the batch's size, scan whole tables.)
+    SELECT COALESCE(array_agg(x.i ORDER BY x.i), '{}') INTO v_fresh
+    FROM (SELECT i,
+                 (SELECT h.jti FROM holds h
+                  WHERE h.id = p_hold[i] AND h.event_id = p_event[i]) AS hold_jti,
+                 (SELECT true FROM checkout_requests c
+                  WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i]) AS requested,
+                 (SELECT true FROM orders o WHERE o.jti = p_jti[i]) AS bought
+          FROM generate_series(1, v_n) AS i) x
+    WHERE x.hold_jti = p_jti[x.i] AND x.requested IS NULL AND x.bought IS NULL;
 
     IF cardinality(v_fresh) > 0 THEN
         WITH claimed AS (
@@ -54,8 +58,7 @@ BEGIN
             RETURNING jti, idempotency_key)
         SELECT COALESCE(array_agg(i ORDER BY i), '{}') INTO v_claimed
         FROM unnest(v_fresh) AS i
-        WHERE EXISTS (SELECT 1 FROM claimed c
-                      WHERE c.jti = p_jti[i] AND c.idempotency_key = p_key[i]);
+        WHERE (p_jti[i], p_key[i]) IN (SELECT c.jti, c.idempotency_key FROM claimed c);
     END IF;
 
     IF cardinality(v_claimed) > 0 THEN

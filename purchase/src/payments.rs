@@ -111,7 +111,7 @@ async fn record_charges(pg: PgPool, batch: Vec<Pending<LedgerEntry, Recorded>>) 
          SELECT idempotency_key, outcome, reference FROM created
          UNION ALL
          SELECT c.idempotency_key, c.outcome, c.reference FROM sandbox_charges c
-         WHERE c.idempotency_key IN (SELECT idempotency_key FROM asked)
+         WHERE c.idempotency_key = ANY($1::text[])
            AND c.idempotency_key NOT IN (SELECT idempotency_key FROM created)",
     )
     .bind(
