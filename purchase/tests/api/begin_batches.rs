@@ -125,17 +125,7 @@ async fn checkouts_started_together_keep_their_own_answers() {
         start(event, passes[7], "k", holds[7]), // 7: hold_expired
         start(event, passes[8], "k", holds[8]), // 8: claimed
     ];
-    let pending = tokio::spawn({
-        let writer = writer.clone();
-        let starts = starts.clone();
-        async move {
-            futures::future::join_all(starts.into_iter().map(|c| {
-                let writer = writer.clone();
-                async move { writer.submit(c).await }
-            }))
-            .await
-        }
-    });
+    let pending = crate::submit_all(&writer, starts.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     blocker.rollback().await.expect("give pass 9's key back");
     let first = first.await.expect("first");

@@ -116,17 +116,7 @@ async fn holds_taken_together_keep_their_own_answers() {
         request(event, Uuid::new_v4(), &[s[12], general]), // 11: a general place
     ];
     let ids: Vec<Uuid> = requests.iter().map(|r| r.hold_id).collect();
-    let pending = tokio::spawn({
-        let writer = writer.clone();
-        let requests = requests.clone();
-        async move {
-            futures::future::join_all(requests.into_iter().map(|r| {
-                let writer = writer.clone();
-                async move { writer.submit(r).await }
-            }))
-            .await
-        }
-    });
+    let pending = crate::submit_all(&writer, requests.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     blocker.rollback().await.expect("release the locks");
     let first = first.await.expect("first");
@@ -241,11 +231,9 @@ async fn a_crowd_of_holds_in_batches_never_gives_a_seat_twice() {
             request(event, passes[n % 300], &[seats[first], seats[first + 1]])
         })
         .collect();
-    let outcomes = futures::future::join_all(requests.iter().cloned().map(|r| {
-        let writer = writer.clone();
-        async move { writer.submit(r).await }
-    }))
-    .await;
+    let outcomes = crate::submit_all(&writer, requests.clone())
+        .await
+        .expect("holds");
     let mut held = 0;
     for (r, outcome) in requests.iter().zip(&outcomes) {
         let code = summary(outcome).0;

@@ -187,6 +187,17 @@ pub(crate) async fn fg_hold(
     hold_id
 }
 
+/// Hands `items` to `writer` all at once, in a task of their own; the answers, in order.
+fn submit_all<B: purchase::rounds::Batched>(
+    writer: &purchase::rounds::RoundWriter<B>,
+    items: Vec<B::Item>,
+) -> tokio::task::JoinHandle<Vec<Result<B::Answer, sqlx::Error>>> {
+    let writer = writer.clone();
+    tokio::spawn(async move {
+        futures::future::join_all(items.into_iter().map(|item| writer.submit(item))).await
+    })
+}
+
 /// The ids of the event's seats, in order.
 async fn seat_ids(pg: &sqlx::PgPool, event: i64) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM seats WHERE event_id = $1 ORDER BY id")
