@@ -3,7 +3,7 @@
 // the join receipt against the published draw in the browser.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startFairgate, launchBrowser, newFan, screenshot, fitsWidth, pay } from "./harness.mjs";
+import { startFairgate, launchBrowser, newFan, screenshot, fitsWidth, pay, arriveAt } from "./harness.mjs";
 
 let fg, browser;
 before(async () => { fg = await startFairgate(); browser = await launchBrowser(); });
@@ -22,7 +22,7 @@ test("a fan joins before the draw, is admitted and buys a seat", async () => {
   await screenshot(page, "fan-1-event-page");
 
   await page.getByRole("button", { name: "Join the line" }).click();
-  await page.waitForURL(`${fg.urls.queue}/e/${event.id}`);
+  await arriveAt(page, `${fg.urls.queue}/e/${event.id}`);
   await page.locator("#phase", { hasText: "The draw is in" }).waitFor();
   await page.getByRole("heading", { name: /Phone fan night/ }).waitFor();
   assert.ok(!page.url().includes("#"), "ticket and receipt are taken out of the address bar");
@@ -34,7 +34,7 @@ test("a fan joins before the draw, is admitted and buys a seat", async () => {
 
   await page.locator("#turn", { hasText: "It is your turn" }).waitFor({ timeout: 30_000 });
   await screenshot(page, "fan-3-your-turn");
-  await page.waitForURL(`${fg.urls.purchase}/e/${event.id}/seats`, { timeout: 10_000 });
+  await arriveAt(page, `${fg.urls.purchase}/e/${event.id}/seats`, 10_000);
   await page.locator("#map circle.seat").first().waitFor();
   assert.ok(!page.url().includes("#"), "the pass is taken out of the address bar");
   assert.ok(await fitsWidth(page), "the seat page fits 360 px");

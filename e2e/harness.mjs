@@ -164,3 +164,24 @@ export async function pay(page, number) {
   await page.getByLabel("CVC").fill("123");
   await page.getByRole("button", { name: "Pay" }).click();
 }
+
+/**
+ * Waits until the page's own address is exactly `url`. Our pages take the pass out of the
+ * fragment with `history.replaceState` while they load; Playwright's `waitForURL` only looks
+ * again on a navigation event and, on a loaded machine, once missed that same-document change,
+ * so this asks the document itself (a navigation in between only makes one poll fail).
+ */
+export async function arriveAt(page, url, timeout = 30_000) {
+  const deadline = Date.now() + timeout;
+  let seen = page.url();
+  while (Date.now() < deadline) {
+    try {
+      seen = await page.evaluate(() => location.href);
+      if (seen === url) return;
+    } catch {
+      // the document was replaced while we asked; ask the new one
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`the page did not arrive at ${url} in ${timeout} ms (last seen at ${seen})`);
+}

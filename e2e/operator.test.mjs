@@ -2,7 +2,7 @@
 // projected drain time is shown before a change is applied; a broadcast message reaches the fan.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startFairgate, launchBrowser, newFan, screenshot, fitsWidth } from "./harness.mjs";
+import { startFairgate, launchBrowser, newFan, screenshot, fitsWidth, arriveAt } from "./harness.mjs";
 
 let fg, browser;
 before(async () => { fg = await startFairgate(); browser = await launchBrowser(); });
@@ -21,7 +21,7 @@ test("an operator pauses the line and a waiting fan sees it", async () => {
   const fan = await newFan(browser, { phone: true });
   await fan.page.goto(`${fg.urls.purchase}/e/${event.id}`);
   await fan.page.getByRole("button", { name: "Join the line" }).click();
-  await fan.page.waitForURL(`${fg.urls.queue}/e/${event.id}`);
+  await arriveAt(fan.page, `${fg.urls.queue}/e/${event.id}`);
   await fan.page.locator("#position", { hasText: "2" }).waitFor();
   await fan.page.locator("#phase", { hasText: "The line is moving" }).waitFor();
   await screenshot(fan.page, "operator-1-fan-waiting");

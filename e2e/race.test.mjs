@@ -2,7 +2,7 @@
 // another; once both seats are sold the event page says so.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { startFairgate, launchBrowser, newFan, screenshot, pay } from "./harness.mjs";
+import { startFairgate, launchBrowser, newFan, screenshot, pay, arriveAt } from "./harness.mjs";
 
 let fg, browser;
 before(async () => { fg = await startFairgate(); browser = await launchBrowser(); });
@@ -11,7 +11,7 @@ after(async () => { await browser?.close(); await fg?.stop(); });
 async function toSeats(fan, event) {
   await fan.page.goto(`${fg.urls.purchase}/e/${event.id}`);
   await fan.page.getByRole("button", { name: "Join the line" }).click();
-  await fan.page.waitForURL(`${fg.urls.purchase}/e/${event.id}/seats`, { timeout: 30_000 });
+  await arriveAt(fan.page, `${fg.urls.purchase}/e/${event.id}/seats`);
   await fan.page.locator("#map circle.seat").first().waitFor();
 }
 
