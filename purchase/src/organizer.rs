@@ -450,7 +450,8 @@ async fn update_event(
         ));
     }
     if !change.remove.is_empty() {
-        // Lock the places in id order, like every hold, then refuse if any is in use.
+        // Lock the places in id order, like every hold, then refuse if any is in use or has
+        // ever had a ticket (valid or void: each kind has its own partial index, 0021).
         let in_use: Vec<String> = sqlx::query_scalar(
             "WITH locked AS (
                  SELECT id, section, status, held_until FROM seats
@@ -458,7 +459,8 @@ async fn update_event(
              SELECT DISTINCT section FROM locked l
              WHERE l.status = 'sold'
                 OR (l.status = 'held' AND l.held_until >= now())
-                OR EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = l.id)",
+                OR EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = l.id AND t.status = 'valid')
+                OR EXISTS (SELECT 1 FROM tickets t WHERE t.seat_id = l.id AND t.status = 'void')",
         )
         .bind(id)
         .bind(&change.remove)

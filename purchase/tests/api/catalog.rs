@@ -286,6 +286,38 @@ async fn organizers_update_details_and_the_map_but_never_remove_what_is_sold() {
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["sold_out_at"], Value::Null);
 
+    // A place sold and refunded is available again, but its void ticket still names it: the
+    // section cannot leave the map (tickets have no foreign key to their seat since 0021).
+    sqlx::query(
+        "WITH seat AS (SELECT min(id) AS id FROM seats WHERE event_id = $1 AND section = 'C'),
+              hold AS (INSERT INTO holds (id, event_id, jti, seat_ids, expires_at, status)
+                       SELECT gen_random_uuid(), $1, gen_random_uuid(), ARRAY[seat.id], now(),
+                              'purchased' FROM seat RETURNING id, jti),
+              sale AS (INSERT INTO orders (id, event_id, jti, identity, hold_id, total_cents,
+                                           status, payment_ref, refunded_at, refunded_by)
+                       SELECT gen_random_uuid(), $1, hold.jti, 'site:fan', hold.id, 800,
+                              'refunded', 'ref', now(), 'support' FROM hold RETURNING id)
+         INSERT INTO tickets (code, order_id, seat_id, status)
+         SELECT 'FG-VOID-TEST', sale.id, seat.id, 'void' FROM sale, seat",
+    )
+    .bind(event)
+    .execute(&pg)
+    .await
+    .expect("a refunded sale");
+    let (status, error) = patch(json!({ "remove": ["C"] })).await;
+    assert_eq!(
+        (status, error["error"].as_str()),
+        (409, Some("places_in_use")),
+        "{error}"
+    );
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tickets t WHERE NOT EXISTS (SELECT 1 FROM seats s WHERE s.id = t.seat_id)",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("orphans");
+    assert_eq!(orphans, 0, "every ticket still names a seat");
+
     app.stop().await.expect("stop");
     pg.close().await;
     env.cleanup().await;
