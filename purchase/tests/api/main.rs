@@ -21,6 +21,7 @@ mod live;
 mod order_batches;
 mod sandbox;
 mod stripe;
+mod sweeper;
 
 const ORGANIZER: &str = "organizer-token-for-reconcile";
 
@@ -196,6 +197,43 @@ fn submit_all<B: purchase::rounds::Batched>(
     tokio::spawn(async move {
         futures::future::join_all(items.into_iter().map(|item| writer.submit(item))).await
     })
+}
+
+/// What the batch-writer tests start from: the purchase service in this process and one event
+/// of `seats` seats in one row (ids in order).
+pub(crate) struct Sale {
+    env: TestEnv,
+    pub pg: sqlx::PgPool,
+    pub app: shared::server::RunningApp,
+    pub http: reqwest::Client,
+    pub event: i64,
+    pub seats: Vec<i64>,
+}
+
+impl Sale {
+    pub async fn start(seats: i32) -> Sale {
+        let env = TestEnv::new().await;
+        let pg = env.pool().await;
+        let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+        let app = in_process(&env, &signer, |_| {}).await;
+        let http = reqwest::Client::new();
+        let event = create_event_with(&http, &app.url(), 1, seats).await;
+        let seats = seat_ids(&pg, event).await;
+        Sale {
+            env,
+            pg,
+            app,
+            http,
+            event,
+            seats,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await.expect("stop");
+        self.pg.close().await;
+        self.env.cleanup().await;
+    }
 }
 
 /// The ids of the event's seats, in order.
