@@ -95,18 +95,20 @@ pub struct Config {
     pub seat_map_reads: usize,
 
     /// Tasks committing the orders of charged checkouts; each commits every order waiting at
-    /// once, in one transaction (group commit).
-    #[arg(long, env = "FAIRGATE_ORDER_WRITERS", default_value_t = 2)]
+    /// once, in one transaction (group commit). One writer per step makes the largest batches;
+    /// on two cores it beat two by 16% (bench-checkout, BENCHMARKS.md). More writers help only
+    /// where Postgres has cores to spare.
+    #[arg(long, env = "FAIRGATE_ORDER_WRITERS", default_value_t = 1)]
     pub order_writers: usize,
 
     /// Writer tasks taking holds of named seats: each takes the holds that arrived together
-    /// at once, in one transaction (group commit).
-    #[arg(long, env = "FAIRGATE_HOLD_WRITERS", default_value_t = 2)]
+    /// at once, in one transaction (group commit). As many again take holds by quantity.
+    #[arg(long, env = "FAIRGATE_HOLD_WRITERS", default_value_t = 1)]
     pub hold_writers: usize,
 
     /// Writer tasks starting checkouts (claiming the key and the hold, recording the pending
     /// payment): each starts every checkout waiting at once, in one transaction (group commit).
-    #[arg(long, env = "FAIRGATE_CHECKOUT_WRITERS", default_value_t = 2)]
+    #[arg(long, env = "FAIRGATE_CHECKOUT_WRITERS", default_value_t = 1)]
     pub checkout_writers: usize,
 
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.

@@ -52,6 +52,8 @@ pub struct AppState {
     pub order_writer: order_writer::OrderWriter,
     /// Takes holds of named seats in batches (group commit).
     pub hold_writer: hold_writer::HoldWriter,
+    /// Takes holds of general-admission places by quantity in batches (group commit).
+    pub general_hold_writer: hold_writer::GeneralHoldWriter,
     /// Starts checkouts in batches (group commit).
     pub begin_writer: begin_writer::BeginWriter,
     /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
@@ -120,6 +122,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
         hold_writer: hold_writer::HoldWriter::start(pg.clone(), config.hold_writers),
+        general_hold_writer: hold_writer::GeneralHoldWriter::start(pg.clone(), config.hold_writers),
         begin_writer: begin_writer::BeginWriter::start(pg.clone(), config.checkout_writers),
         config: Arc::new(config),
         pg,

@@ -6,8 +6,6 @@
 use std::time::Duration;
 
 use purchase::begin_writer::{BeginWriter, NewStart, Outcome};
-use shared::testing::TestEnv;
-use shared::token::{Signer, SigningKey};
 use uuid::Uuid;
 
 fn start(event: i64, jti: Uuid, key: &str, hold_id: Uuid) -> NewStart {
@@ -30,13 +28,8 @@ fn code(outcome: &Outcome) -> &str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checkouts_started_together_keep_their_own_answers() {
-    let env = TestEnv::new().await;
-    let pg = env.pool().await;
-    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
-    let app = crate::in_process(&env, &signer, |_| {}).await;
-    let http = reqwest::Client::new();
-    let event = crate::create_event_with(&http, &app.url(), 1, 20).await;
-    let s = crate::seat_ids(&pg, event).await;
+    let sale = crate::Sale::start(20).await;
+    let (pg, event, s) = (sale.pg.clone(), sale.event, sale.seats.clone());
     let passes: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
     let mut holds = Vec::new();
     for (n, pass) in passes.iter().enumerate() {
@@ -187,7 +180,5 @@ async fn checkouts_started_together_keep_their_own_answers() {
     want_running.sort();
     assert_eq!(running, want_running);
 
-    app.stop().await.expect("stop");
-    pg.close().await;
-    env.cleanup().await;
+    sale.stop().await;
 }

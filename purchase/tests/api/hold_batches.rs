@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use purchase::hold_writer::{HoldWriter, NewHold, Outcome};
-use shared::testing::TestEnv;
-use shared::token::{Signer, SigningKey};
 use uuid::Uuid;
 
 fn request(event: i64, jti: Uuid, seats: &[i64]) -> NewHold {
@@ -21,7 +19,7 @@ fn request(event: i64, jti: Uuid, seats: &[i64]) -> NewHold {
     }
 }
 
-fn summary(outcome: &Outcome) -> (String, Vec<i64>, Vec<i64>, Option<i64>, String) {
+fn summary(outcome: &Outcome) -> Summary {
     let o = outcome.as_ref().expect("no database error");
     (
         o.code.clone(),
@@ -32,16 +30,30 @@ fn summary(outcome: &Outcome) -> (String, Vec<i64>, Vec<i64>, Option<i64>, Strin
     )
 }
 
+type Summary = (String, Vec<i64>, Vec<i64>, Option<i64>, String);
+
+/// Each answer is the expected one, in order.
+fn assert_answers(outcomes: &[Outcome], expected: Vec<Summary>) {
+    assert_eq!(outcomes.len(), expected.len());
+    for (n, (outcome, expected)) in outcomes.iter().zip(expected).enumerate() {
+        assert_eq!(summary(outcome), expected, "request {n}");
+    }
+}
+
+/// How many transactions wrote these holds' rows.
+async fn transactions(pg: &sqlx::PgPool, holds: Vec<Uuid>) -> i64 {
+    sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM holds WHERE id = ANY($1)")
+        .bind(holds)
+        .fetch_one(pg)
+        .await
+        .expect("transactions")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holds_taken_together_keep_their_own_answers() {
-    let env = TestEnv::new().await;
-    let pg = env.pool().await;
-    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
-    let app = crate::in_process(&env, &signer, |_| {}).await;
-    let http = reqwest::Client::new();
-    let event = crate::create_event_with(&http, &app.url(), 1, 40).await;
-    let other_event = crate::create_event_with(&http, &app.url(), 1, 2).await;
-    let s: Vec<i64> = crate::seat_ids(&pg, event).await;
+    let sale = crate::Sale::start(40).await;
+    let (pg, event, s) = (sale.pg.clone(), sale.event, sale.seats.clone());
+    let other_event = crate::create_event_with(&sale.http, &sale.app.url(), 1, 2).await;
     let elsewhere: i64 = sqlx::query_scalar("SELECT min(id) FROM seats WHERE event_id = $1")
         .bind(other_event)
         .fetch_one(&pg)
@@ -154,19 +166,15 @@ async fn holds_taken_together_keep_their_own_answers() {
         refused("seat_unavailable", list(&[s[0]])),
         refused("general_by_quantity", String::new()),
     ];
-    for (n, (outcome, expected)) in outcomes.iter().zip(expected).enumerate() {
-        assert_eq!(summary(outcome), expected, "request {n}");
-    }
+    assert_answers(&outcomes, expected);
 
     // Requests 0 and 7 were taken in one transaction (8 too, but 9 has since released it);
     // nothing of a refusal was written.
-    let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM holds WHERE id = ANY($1)")
-            .bind(vec![ids[0], ids[7]])
-            .fetch_one(&pg)
-            .await
-            .expect("transactions");
-    assert_eq!(transactions, 1, "one batch");
+    assert_eq!(
+        transactions(&pg, vec![ids[0], ids[7]]).await,
+        1,
+        "one batch"
+    );
     let written: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM holds WHERE id = ANY($1) ORDER BY id")
             .bind(&ids)
@@ -206,20 +214,13 @@ async fn holds_taken_together_keep_their_own_answers() {
             .expect("replaced holds");
     assert_eq!(replaced, ["released", "active", "released", "active"]);
 
-    app.stop().await.expect("stop");
-    pg.close().await;
-    env.cleanup().await;
+    sale.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crowd_of_holds_in_batches_never_gives_a_seat_twice() {
-    let env = TestEnv::new().await;
-    let pg = env.pool().await;
-    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
-    let app = crate::in_process(&env, &signer, |_| {}).await;
-    let http = reqwest::Client::new();
-    let event = crate::create_event_with(&http, &app.url(), 1, 20).await;
-    let seats: Vec<i64> = crate::seat_ids(&pg, event).await;
+    let sale = crate::Sale::start(20).await;
+    let (pg, event, seats) = (sale.pg.clone(), sale.event, sale.seats.clone());
 
     // 600 holds of two adjacent seats out of 20, from 300 passes (each asks twice), through
     // two writers at once.
@@ -270,7 +271,138 @@ async fn a_crowd_of_holds_in_batches_never_gives_a_seat_twice() {
         "a hold row for every hold answered held"
     );
 
-    app.stop().await.expect("stop");
-    pg.close().await;
-    env.cleanup().await;
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_by_quantity_taken_together_keep_their_own_answers() {
+    use purchase::hold_writer::{GeneralHoldWriter, NewGeneralHold};
+    let sale = crate::Sale::start(2).await;
+    let (pg, event, seated) = (sale.pg.clone(), sale.event, sale.seats.clone());
+    let g: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
+         SELECT $1, 'Floor', 'GA', n, 1000, 'general' FROM generate_series(1, 8) n
+         RETURNING id",
+    )
+    .bind(event)
+    .fetch_all(&pg)
+    .await
+    .expect("general-admission places");
+    let request = |jti: Uuid, ticket_type: &str, quantity: i32| NewGeneralHold {
+        event,
+        jti,
+        ticket_type: ticket_type.into(),
+        quantity,
+        hold_id: Uuid::now_v7(),
+        expires_at: Utc::now() + chrono::Duration::minutes(5),
+    };
+
+    // A pass whose seated hold is kept locked, so that its hold by quantity waits and every
+    // request after it queues up for one batch.
+    let waiting = Uuid::new_v4();
+    let waiting_hold = crate::fg_hold(&pg, event, &[seated[0]], waiting).await;
+    let mut blocker = pg.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind(waiting_hold)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock a hold");
+    let writer = GeneralHoldWriter::start(pg.clone(), 1);
+    let first = tokio::spawn({
+        let (writer, first) = (writer.clone(), request(waiting, "Floor", 1));
+        async move { writer.submit(first).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (a, b, d) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let requests = vec![
+        request(a, "Floor", 2),              // 0: held
+        request(b, "Floor", 2),              // 1: held
+        request(a, "Floor", 3),              // 2: after 0, replaces it
+        request(Uuid::new_v4(), "Nope", 1),  // 3: no such ticket type
+        request(d, "Floor", 2),              // 4: held
+        request(Uuid::new_v4(), "Floor", 3), // 5: one place left
+    ];
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.hold_id).collect();
+    let pending = crate::submit_all(&writer, requests);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blocker.rollback().await.expect("release the lock");
+    let first = first.await.expect("first");
+    assert_eq!(
+        summary(&first),
+        (
+            "held".into(),
+            vec![g[0]],
+            vec![seated[0]],
+            Some(1000),
+            String::new()
+        )
+    );
+    let outcomes = pending.await.expect("holds");
+    let held = |seats: &[i64], freed: &[i64]| {
+        (
+            "held".to_owned(),
+            seats.to_vec(),
+            freed.to_vec(),
+            Some(1000 * seats.len() as i64),
+            String::new(),
+        )
+    };
+    let expected = vec![
+        held(&[g[1], g[2]], &[]),
+        held(&[g[3], g[4]], &[]),
+        held(&[g[1], g[2], g[7]], &[g[1], g[2]]),
+        (
+            "ticket_type_not_found".into(),
+            vec![],
+            vec![],
+            None,
+            "0".into(),
+        ),
+        held(&[g[5], g[6]], &[]),
+        ("not_enough_places".into(), vec![], vec![], None, "1".into()),
+    ];
+    assert_answers(&outcomes, expected);
+
+    // 1 and 4 were taken in one transaction; every place is in the hold that got it, and each
+    // pass has one active hold.
+    assert_eq!(
+        transactions(&pg, vec![ids[1], ids[4]]).await,
+        1,
+        "one batch"
+    );
+    let places: Vec<(i64, Option<Uuid>)> =
+        sqlx::query_as("SELECT id, hold_id FROM seats WHERE event_id = $1 ORDER BY id")
+            .bind(event)
+            .fetch_all(&pg)
+            .await
+            .expect("places");
+    let holder = |seat: i64| {
+        places
+            .iter()
+            .find(|(id, _)| *id == seat)
+            .map(|(_, hold)| *hold)
+            .expect("seat")
+    };
+    assert_eq!(holder(seated[0]), None, "replaced by the hold by quantity");
+    for (seats, hold) in [
+        (&[g[1], g[2], g[7]][..], ids[2]),
+        (&[g[3], g[4]], ids[1]),
+        (&[g[5], g[6]], ids[4]),
+    ] {
+        for seat in seats {
+            assert_eq!(holder(*seat), Some(hold), "place {seat}");
+        }
+    }
+    let active: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT jti, count(*) FROM holds WHERE event_id = $1 AND status = 'active'
+         GROUP BY jti ORDER BY jti",
+    )
+    .bind(event)
+    .fetch_all(&pg)
+    .await
+    .expect("active holds");
+    assert_eq!(active.len(), 4, "{active:?}");
+    assert!(active.iter().all(|(_, n)| *n == 1), "{active:?}");
+
+    sale.stop().await;
 }

@@ -7,8 +7,6 @@ use std::time::Duration;
 use chrono::{SubsecRound, Utc};
 use purchase::order_writer::{NewOrder, OrderWriter};
 use shared::error::violated_constraint;
-use shared::testing::TestEnv;
-use shared::token::{Signer, SigningKey};
 use uuid::Uuid;
 
 fn order(event: i64, jti: Uuid, hold_id: Uuid, seat: i64, n: usize) -> NewOrder {
@@ -31,13 +29,8 @@ fn order(event: i64, jti: Uuid, hold_id: Uuid, seat: i64, n: usize) -> NewOrder 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn orders_committed_together_keep_their_own_answers() {
-    let env = TestEnv::new().await;
-    let pg = env.pool().await;
-    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
-    let app = crate::in_process(&env, &signer, |_| {}).await;
-    let http = reqwest::Client::new();
-    let event = crate::create_event_with(&http, &app.url(), 1, 40).await;
-    let seats: Vec<i64> = crate::seat_ids(&pg, event).await;
+    let sale = crate::Sale::start(40).await;
+    let (pg, event, seats) = (sale.pg.clone(), sale.event, sale.seats.clone());
 
     // Thirty orders of thirty passes; orders 5 and 17 lost their hold's seat (expired), and
     // order 29 uses the pass of order 28 (which buys first: one order per pass).
@@ -120,9 +113,7 @@ async fn orders_committed_together_keep_their_own_answers() {
         unsold.iter().all(|s| s != "sold"),
         "refused orders sold nothing: {unsold:?}"
     );
-    app.stop().await.expect("stop");
-    pg.close().await;
-    env.cleanup().await;
+    sale.stop().await;
 }
 
 /// Commits `orders` through `writer` with the first one's seat locked for a moment, so the rest
