@@ -19,6 +19,7 @@ mod fan_refunds;
 mod hold_batches;
 mod live;
 mod order_batches;
+mod plans;
 mod sandbox;
 mod stripe;
 mod sweeper;
