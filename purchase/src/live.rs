@@ -307,18 +307,13 @@ pub async fn run_outbox_relay(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        // Two index scans: the rows above the mark, and the gaps by id.
-        let rows: Result<Vec<Notice>, _> = sqlx::query_as(
-            "(SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
-              WHERE id > $1 ORDER BY id LIMIT 1000)
-             UNION ALL
-             (SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
-              WHERE id = ANY($2))",
-        )
-        .bind(cursor.high)
-        .bind(cursor.gaps())
-        .fetch_all(&state.pg)
-        .await;
+        // Two index scans (0026): the rows above the mark, and the gaps by id.
+        let rows: Result<Vec<Notice>, _> =
+            sqlx::query_as("SELECT * FROM fg_outbox_after($1, 1000, $2)")
+                .bind(cursor.high)
+                .bind(cursor.gaps())
+                .fetch_all(&state.pg)
+                .await;
         let mut rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -408,15 +403,12 @@ async fn live(
         .unwrap_or(0);
     // Subscribe before replaying, so nothing falls between the two.
     let receiver = state.live.sender.subscribe();
-    let replay: Vec<Notice> = sqlx::query_as(
-        "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
-         WHERE event_id = $1 AND identity = $2 AND id > $3 ORDER BY id",
-    )
-    .bind(pass.event.get())
-    .bind(&pass.identity)
-    .bind(after)
-    .fetch_all(&state.pg)
-    .await?;
+    let replay: Vec<Notice> = sqlx::query_as("SELECT * FROM fg_outbox_of_fan($1, $2, $3)")
+        .bind(pass.event.get())
+        .bind(&pass.identity)
+        .bind(after)
+        .fetch_all(&state.pg)
+        .await?;
     let event = pass.event.get();
     let identity: Arc<str> = pass.identity.into();
     let replayed: Arc<BTreeSet<i64>> = Arc::new(replay.iter().map(|n| n.id).collect());
@@ -496,14 +488,11 @@ async fn outbox_feed(
             "limit: must be 1 to 1000; after: must not be negative".into(),
         ));
     }
-    let notices: Vec<Notice> = sqlx::query_as(
-        "SELECT id, event_id, identity, order_id, kind, payload, created_at FROM outbox
-         WHERE id > $1 ORDER BY id LIMIT $2",
-    )
-    .bind(query.after)
-    .bind(limit)
-    .fetch_all(&state.pg)
-    .await?;
+    let notices: Vec<Notice> = sqlx::query_as("SELECT * FROM fg_outbox_after($1, $2, '{}')")
+        .bind(query.after)
+        .bind(limit)
+        .fetch_all(&state.pg)
+        .await?;
     let next_after = notices.last().map_or(query.after, |n| n.id);
     Ok(Json(Feed {
         notices,

@@ -1,11 +1,11 @@
-//! The purchase path's functions plan without sequential scans and without JIT (migration
-//! 0025), whatever later migrations do to them: a `CREATE OR REPLACE FUNCTION` drops the
-//! settings unless it repeats them.
+//! The purchase path's functions and the outbox reads plan without sequential scans and
+//! without JIT (migrations 0025, 0026), whatever later migrations do to them: a `CREATE OR
+//! REPLACE FUNCTION` drops the settings unless it repeats them.
 
 use shared::testing::TestEnv;
 
-/// Every function a hold or a checkout runs.
-const PURCHASE_PATH: [&str; 7] = [
+/// Every function a hold or a checkout runs, and the outbox reads.
+const KEYED: [&str; 9] = [
     "fg_hold",
     "fg_holds",
     "fg_holds_general",
@@ -13,6 +13,8 @@ const PURCHASE_PATH: [&str; 7] = [
     "fg_checkout_begins",
     "fg_commit_order",
     "fg_commit_orders",
+    "fg_outbox_after",
+    "fg_outbox_of_fan",
 ];
 
 #[tokio::test]
@@ -25,13 +27,13 @@ async fn purchase_functions_plan_without_scans() {
          WHERE n.nspname = current_schema() AND p.proname = ANY($1)
          ORDER BY 1",
     )
-    .bind(&PURCHASE_PATH[..])
+    .bind(&KEYED[..])
     .fetch_all(&pg)
     .await
     .expect("functions");
     assert_eq!(
         found.len(),
-        PURCHASE_PATH.len(),
+        KEYED.len(),
         "every function exists once: {found:?}"
     );
     for (name, config) in found {
