@@ -406,3 +406,69 @@ async fn holds_by_quantity_taken_together_keep_their_own_answers() {
 
     sale.stop().await;
 }
+
+/// A hold by quantity takes available places first (0027) and, when they are too few, also
+/// places whose hold expired but has not been swept yet; it never takes a live hold's places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_by_quantity_take_expired_places_when_available_ones_run_out() {
+    let sale = crate::Sale::start(1).await;
+    let (pg, event) = (sale.pg.clone(), sale.event);
+    let g: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
+         SELECT $1, 'Floor', 'GA', n, 1000, 'general' FROM generate_series(1, 5) n
+         RETURNING id",
+    )
+    .bind(event)
+    .fetch_all(&pg)
+    .await
+    .expect("general-admission places");
+    let mut tx = pg.begin().await.expect("begin");
+    let first = hold_by_quantity(&mut tx, event, 2).await.expect("first");
+    let live = hold_by_quantity(&mut tx, event, 2).await.expect("live");
+    assert_eq!(first, ("held".into(), Some(vec![g[0], g[1]]), None));
+    assert_eq!(live, ("held".into(), Some(vec![g[2], g[3]]), None));
+    // The first hold expires; in this transaction the sweeper cannot return its places first.
+    sqlx::query("UPDATE seats SET held_until = now() - interval '1 second' WHERE id = ANY($1)")
+        .bind(&g[..2])
+        .execute(&mut *tx)
+        .await
+        .expect("expire");
+    let third = hold_by_quantity(&mut tx, event, 3).await.expect("third");
+    assert_eq!(
+        third,
+        ("held".into(), Some(vec![g[0], g[1], g[4]]), None),
+        "one available place and the two expired ones"
+    );
+    let fourth = hold_by_quantity(&mut tx, event, 1).await.expect("fourth");
+    assert_eq!(fourth, ("not_enough_places".into(), None, Some("0".into())));
+    tx.commit().await.expect("commit");
+    let holders: Vec<Option<Uuid>> =
+        sqlx::query_scalar("SELECT hold_id FROM seats WHERE id = ANY($1) ORDER BY id")
+            .bind(&g[2..4])
+            .fetch_all(&pg)
+            .await
+            .expect("live places");
+    assert!(
+        holders.iter().all(|h| h.is_some()) && holders[0] == holders[1],
+        "the live hold keeps its places: {holders:?}"
+    );
+    sale.stop().await;
+}
+
+/// `fg_hold` by quantity on the ticket type "Floor", for a new pass, in `tx`.
+async fn hold_by_quantity(
+    tx: &mut sqlx::PgConnection,
+    event: i64,
+    quantity: i32,
+) -> Result<(String, Option<Vec<i64>>, Option<String>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT code, seat_ids, detail
+         FROM fg_hold($1, $2, '{}', 'Floor', $3, $4, now() + interval '5 minutes')",
+    )
+    .bind(event)
+    .bind(Uuid::new_v4())
+    .bind(quantity)
+    .bind(Uuid::now_v7())
+    .fetch_one(tx)
+    .await
+}
