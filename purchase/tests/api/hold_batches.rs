@@ -279,15 +279,7 @@ async fn holds_by_quantity_taken_together_keep_their_own_answers() {
     use purchase::hold_writer::{GeneralHoldWriter, NewGeneralHold};
     let sale = crate::Sale::start(2).await;
     let (pg, event, seated) = (sale.pg.clone(), sale.event, sale.seats.clone());
-    let g: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
-         SELECT $1, 'Floor', 'GA', n, 1000, 'general' FROM generate_series(1, 8) n
-         RETURNING id",
-    )
-    .bind(event)
-    .fetch_all(&pg)
-    .await
-    .expect("general-admission places");
+    let g = floor_places(&pg, event, 8).await;
     let request = |jti: Uuid, ticket_type: &str, quantity: i32| NewGeneralHold {
         event,
         jti,
@@ -413,15 +405,7 @@ async fn holds_by_quantity_taken_together_keep_their_own_answers() {
 async fn holds_by_quantity_take_expired_places_when_available_ones_run_out() {
     let sale = crate::Sale::start(1).await;
     let (pg, event) = (sale.pg.clone(), sale.event);
-    let g: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
-         SELECT $1, 'Floor', 'GA', n, 1000, 'general' FROM generate_series(1, 5) n
-         RETURNING id",
-    )
-    .bind(event)
-    .fetch_all(&pg)
-    .await
-    .expect("general-admission places");
+    let g = floor_places(&pg, event, 5).await;
     let mut tx = pg.begin().await.expect("begin");
     let first = hold_by_quantity(&mut tx, event, 2).await.expect("first");
     let live = hold_by_quantity(&mut tx, event, 2).await.expect("live");
@@ -471,4 +455,18 @@ async fn hold_by_quantity(
     .bind(Uuid::now_v7())
     .fetch_one(tx)
     .await
+}
+
+/// `count` general-admission places of the ticket type "Floor" at 10.00 in `event`, by id.
+async fn floor_places(pg: &sqlx::PgPool, event: i64, count: i32) -> Vec<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO seats (event_id, section, row_label, number, price_cents, admission)
+         SELECT $1, 'Floor', 'GA', n, 1000, 'general' FROM generate_series(1, $2) n
+         RETURNING id",
+    )
+    .bind(event)
+    .bind(count)
+    .fetch_all(pg)
+    .await
+    .expect("general-admission places")
 }
