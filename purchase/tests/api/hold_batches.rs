@@ -99,12 +99,7 @@ async fn holds_taken_together_keep_their_own_answers() {
         .execute(&mut *seat_locker)
         .await
         .expect("lock a seat");
-    let mut blocker = pg.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
-        .bind(waiting_hold)
-        .execute(&mut *blocker)
-        .await
-        .expect("lock a hold");
+    let blocker = lock_hold(&pg, waiting_hold).await;
 
     let writer = HoldWriter::start(pg.clone(), 1);
     let first = tokio::spawn({
@@ -293,12 +288,7 @@ async fn holds_by_quantity_taken_together_keep_their_own_answers() {
     // request after it queues up for one batch.
     let waiting = Uuid::new_v4();
     let waiting_hold = crate::fg_hold(&pg, event, &[seated[0]], waiting).await;
-    let mut blocker = pg.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
-        .bind(waiting_hold)
-        .execute(&mut *blocker)
-        .await
-        .expect("lock a hold");
+    let blocker = lock_hold(&pg, waiting_hold).await;
     let writer = GeneralHoldWriter::start(pg.clone(), 1);
     let first = tokio::spawn({
         let (writer, first) = (writer.clone(), request(waiting, "Floor", 1));
@@ -469,4 +459,16 @@ async fn floor_places(pg: &sqlx::PgPool, event: i64, count: i32) -> Vec<i64> {
     .fetch_all(pg)
     .await
     .expect("general-admission places")
+}
+
+/// A transaction holding `hold`'s row lock, so that a writer taking a hold for its pass waits
+/// (and the requests after it queue up for one batch) until it is rolled back.
+async fn lock_hold(pg: &sqlx::PgPool, hold: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut blocker = pg.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind(hold)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock a hold");
+    blocker
 }
