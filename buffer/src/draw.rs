@@ -7,7 +7,9 @@
 //! the seed and the number of entrants: the order is a pure function of the seed and the presale
 //! entrants, which the lock freezes, so it is recomputed wherever it is needed (the Redis queue,
 //! a rebuild after Redis lost it, the publication) instead of writing a million positions back.
-//! A crash after commit is repaired by whoever finds the Redis queue missing.
+//! A crash after commit is repaired by whoever finds the Redis queue missing: every tick, each
+//! instance counts every live event's mirror against Postgres (`mirror::check`) and rebuilds
+//! or repairs it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +19,6 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 use chrono::{DateTime, Utc};
-use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use shared::event::{SaleEvent, SalePhase};
 use shared::extract::{Json, Path, Query};
@@ -27,30 +28,88 @@ use tokio_util::sync::CancellationToken;
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::{queue_store, AppState};
+use crate::mirror::{self, Health, LineFacts};
+use crate::AppState;
+
+/// A committed draw's order (position 1 first), and an index from ticket to position built the
+/// first time someone asks (a presale fan re-presenting their ticket after the draw).
+pub struct DrawnOrder {
+    order: Vec<Uuid>,
+    by_ticket: tokio::sync::OnceCell<Vec<(Uuid, u32)>>,
+}
+
+impl DrawnOrder {
+    fn new(order: Vec<Uuid>) -> Self {
+        DrawnOrder {
+            order,
+            by_ticket: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn tickets(&self) -> &[Uuid] {
+        &self.order
+    }
+
+    /// Where the draw placed `ticket` (`None`: not one of its entrants).
+    pub async fn position_of(self: &Arc<Self>, ticket: Uuid) -> Result<Option<i64>, ApiError> {
+        let index = self
+            .by_ticket
+            .get_or_try_init(|| {
+                let this = self.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let mut index: Vec<(Uuid, u32)> = this
+                            .order
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| (*t, i as u32 + 1))
+                            .collect();
+                        index.sort_unstable();
+                        index
+                    })
+                    .await
+                    .map_err(ApiError::internal)
+                }
+            })
+            .await?;
+        Ok(index
+            .binary_search_by(|(t, _)| t.cmp(&ticket))
+            .ok()
+            .map(|i| i64::from(index[i].1)))
+    }
+}
 
 /// What each instance remembers about draws: commitments and computed orders never change once
-/// made; publishing to Redis is done by one task at a time per instance.
+/// made; rebuilding a Redis queue is done by one task at a time per instance.
 #[derive(Clone, Default)]
 pub struct DrawCache {
     commitments: Arc<Mutex<HashMap<EventId, [u8; 32]>>>,
-    orders: Arc<Mutex<HashMap<EventId, Arc<Vec<Uuid>>>>>,
+    orders: Arc<Mutex<HashMap<EventId, Arc<DrawnOrder>>>>,
     publishing: Arc<tokio::sync::Mutex<()>>,
+    /// Per live event, the tail Postgres had at the previous mirror check.
+    settled: Arc<Mutex<HashMap<EventId, i64>>>,
 }
 
 impl DrawCache {
     fn commitment(&self, event: EventId) -> Option<[u8; 32]> {
         self.commitments.lock().ok()?.get(&event).copied()
     }
+    /// The tail Postgres had for `event` at the previous check, remembering `tail` for the next.
+    fn settled(&self, event: EventId, tail: i64) -> i64 {
+        match self.settled.lock() {
+            Ok(mut map) => map.insert(event, tail).unwrap_or(0),
+            Err(_) => 0,
+        }
+    }
     fn put_commitment(&self, event: EventId, commitment: [u8; 32]) {
         if let Ok(mut map) = self.commitments.lock() {
             map.insert(event, commitment);
         }
     }
-    fn order(&self, event: EventId) -> Option<Arc<Vec<Uuid>>> {
+    fn order(&self, event: EventId) -> Option<Arc<DrawnOrder>> {
         self.orders.lock().ok()?.get(&event).cloned()
     }
-    fn put_order(&self, event: EventId, order: Arc<Vec<Uuid>>) {
+    fn put_order(&self, event: EventId, order: Arc<DrawnOrder>) {
         if let Ok(mut map) = self.orders.lock() {
             map.insert(event, order);
         }
@@ -106,9 +165,14 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
     }
     let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
     let entrants = entrants(&mut *tx, event).await?;
-    sqlx::query("UPDATE draws SET drawn_at = now(), entrants = $2 WHERE event_id = $1")
+    // The draw gives places 1..N: the line's tail starts there, and its serving head at 0.
+    sqlx::query("UPDATE draws SET drawn_at = now(), entrants = $2, tail = $2 WHERE event_id = $1")
         .bind(event.get())
         .bind(entrants.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO admission_state (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(event.get())
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -144,10 +208,10 @@ async fn entrants<'e>(
     .await?)
 }
 
-async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<Vec<Uuid>>, ApiError> {
+async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<DrawnOrder>, ApiError> {
     tokio::task::spawn_blocking(move || {
         shared::draw::draw_order(&seed, &mut entrants);
-        Arc::new(entrants)
+        Arc::new(DrawnOrder::new(entrants))
     })
     .await
     .map_err(ApiError::internal)
@@ -155,7 +219,7 @@ async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<Vec<Uuid>>, 
 
 /// The order of a committed draw (position 1 first), recomputed from Postgres on first use;
 /// `None` before the draw.
-pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<Vec<Uuid>>>, ApiError> {
+pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<DrawnOrder>>, ApiError> {
     if let Some(order) = state.draws.order(event) {
         return Ok(Some(order));
     }
@@ -174,7 +238,8 @@ pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<Vec<Uu
     Ok(Some(order))
 }
 
-/// Makes sure the committed draw's queue is in Redis (after the draw, or after Redis lost it).
+/// Makes sure the committed draw's queue is whole in Redis (after the draw, or after Redis lost
+/// it), rebuilding it from Postgres.
 pub async fn ensure_published(state: &AppState, event: EventId) -> Result<(), ApiError> {
     let order = order(state, event)
         .await?
@@ -182,12 +247,24 @@ pub async fn ensure_published(state: &AppState, event: EventId) -> Result<(), Ap
     publish_order(state, event, &order).await
 }
 
-async fn publish_order(state: &AppState, event: EventId, order: &[Uuid]) -> Result<(), ApiError> {
-    // One publisher per instance: live joins arriving while the queue is missing wait here
-    // rather than each rebuilding it.
+async fn publish_order(
+    state: &AppState,
+    event: EventId,
+    order: &DrawnOrder,
+) -> Result<(), ApiError> {
+    // One rebuild per instance at a time: a second one would write the same members again.
     let _publishing = state.draws.publishing.lock().await;
-    queue_store::publish(&state.pg, &state.redis, event, order).await?;
-    Ok(())
+    // Redis losing data again in the middle leaves the mirror unmarked; try again at once a
+    // few times, then leave it to the next tick.
+    for _ in 0..3 {
+        if mirror::rebuild(&state.pg, &state.redis, event, order.tickets()).await? {
+            return Ok(());
+        }
+    }
+    Err(ApiError::Unavailable(
+        "catching_up",
+        "the live queue is being rebuilt; retry shortly".into(),
+    ))
 }
 
 /// Looks for commitments to publish, draws to run and Redis queues to restore, every tick.
@@ -225,24 +302,29 @@ async fn scheduler_tick(state: &AppState) -> Result<(), ApiError> {
     for id in due.into_iter().filter_map(EventId::new) {
         run_draw(state, id).await?;
     }
-    let live: Vec<i64> = sqlx::query_scalar(
-        "SELECT d.event_id FROM draws d JOIN events e ON e.id = d.event_id
-         WHERE d.drawn_at IS NOT NULL AND e.sale_ends_at > now()",
-    )
-    .fetch_all(&state.pg)
-    .await?;
-    for id in live.into_iter().filter_map(EventId::new) {
-        let present: i64 = state
-            .redis
-            .client()
-            .exists(state.redis.keys(id).drawn())
-            .await?;
-        if present == 0 {
-            tracing::warn!(event = %id, "redis queue is missing; rebuilding it from postgres");
-            ensure_published(state, id).await?;
+    for facts in LineFacts::live_events(&state.pg).await? {
+        if let Err(e) = keep_mirror(state, &facts).await {
+            tracing::warn!(event = facts.event_id, error = %e, "keeping the redis queue failed; retrying next tick");
         }
     }
     Ok(())
+}
+
+/// Counts one live event's Redis queue against Postgres and repairs what is missing.
+async fn keep_mirror(state: &AppState, facts: &LineFacts) -> Result<(), ApiError> {
+    let id = EventId::new(facts.event_id).ok_or_else(|| ApiError::internal("bad event id"))?;
+    let settled = state.draws.settled(id, facts.tail);
+    match mirror::check(&state.redis, facts, settled).await? {
+        Health::Whole => Ok(()),
+        Health::LiveMissing => {
+            mirror::repair_live(&state.pg, &state.redis, id, facts.entrants).await
+        }
+        Health::Broken => {
+            metrics::counter!("buffer_mirror_rebuilds_total").increment(1);
+            tracing::warn!(event = %id, "redis queue is missing or partial; rebuilding it from postgres");
+            ensure_published(state, id).await
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -327,6 +409,7 @@ async fn published_draw(
         published.drawn_at = drawn_at;
         published.entrants = entrants;
         if let Some(order) = order(&state, event_id).await? {
+            let order = order.tickets();
             let end = offset.saturating_add(limit).min(order.len());
             published.order = Some(order.get(offset..end).unwrap_or_default().to_vec());
             published.next_offset = (end < order.len()).then_some(end);

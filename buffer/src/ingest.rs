@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::mirror::Appender;
+
 /// Most joins in one transaction.
 pub const MAX_BATCH: usize = 1_000;
 /// Joins waiting for a writer at most; more make handlers wait (back-pressure).
@@ -36,8 +38,12 @@ pub struct JoinRow {
     pub event_id: i64,
     pub identity: String,
     pub joined_at: DateTime<Utc>,
+    /// The place in line: set when the join is recorded for a live arrival; `None` for a
+    /// presale join, whose place the draw decides (see `draw::DrawnOrder::position_of`).
     pub position: Option<i64>,
     pub phase: String,
+    /// The fan gave up the place (`POST …/leave`).
+    pub left: bool,
 }
 
 /// What a join's receipt says beyond its row: the draw commitment and the receipt's expiry.
@@ -88,13 +94,20 @@ pub struct JoinWriter {
 impl JoinWriter {
     /// Starts `writers` writer tasks on `pg`; they stop when `shutdown` fires and the queue is
     /// drained.
-    pub fn start(pg: PgPool, signer: Signer, writers: usize, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        pg: PgPool,
+        signer: Signer,
+        mirror: Appender,
+        writers: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..writers.max(1) {
             tokio::spawn(write_batches(
                 pg.clone(),
                 signer.clone(),
+                mirror.clone(),
                 receiver.clone(),
                 shutdown.clone(),
             ));
@@ -131,6 +144,7 @@ impl JoinWriter {
 async fn write_batches(
     pg: PgPool,
     signer: Signer,
+    mirror: Appender,
     receiver: Arc<Mutex<mpsc::Receiver<Pending>>>,
     shutdown: CancellationToken,
 ) {
@@ -144,6 +158,7 @@ async fn write_batches(
             Ok(rows) => {
                 metrics::histogram!("buffer_join_batch_seconds", "stage" => "write")
                     .record(started.elapsed().as_secs_f64());
+                mirror_arrivals(&mirror, &rows);
                 let started = std::time::Instant::now();
                 answer(&signer, batch, rows);
                 metrics::histogram!("buffer_join_batch_seconds", "stage" => "answer")
@@ -165,6 +180,24 @@ async fn write_batches(
                     }));
                 }
             }
+        }
+    }
+}
+
+/// Hands the batch's new live arrivals, committed with their places, to the Redis mirror.
+fn mirror_arrivals(mirror: &Appender, rows: &HashMap<Uuid, (JoinRow, bool)>) {
+    let mut by_event: HashMap<i64, Vec<(i64, Uuid)>> = HashMap::new();
+    for (row, resumed) in rows.values() {
+        if let (false, Some(position)) = (*resumed, row.position) {
+            by_event
+                .entry(row.event_id)
+                .or_default()
+                .push((position, row.ticket_id));
+        }
+    }
+    for (event, places) in by_event {
+        if let Some(event) = EventId::new(event) {
+            mirror.append(event, places);
         }
     }
 }
@@ -212,10 +245,16 @@ fn answer(signer: &Signer, batch: Vec<Pending>, mut rows: HashMap<Uuid, (JoinRow
 /// Inserts a batch in one transaction; answers per pending ticket id: the row (its own, or the
 /// one its identity already had) and whether it already existed.
 ///
+/// A join to a drawn event is a live arrival and gets its place at the back here, in the same
+/// transaction: the event's `draws.tail` advances by the batch's new arrivals (its row lock
+/// orders concurrent batches) and they take the numbers after it in the batch's order, which is
+/// their arrival order. The position is committed with the join or not at all, so no position
+/// is ever given twice or lost, whatever happens to Redis.
+///
 /// Anonymous joins carry an identity minted from their fresh ticket id, so they cannot collide
 /// with an earlier join: they go in with `COPY`, half the per-row cost of an `INSERT`. Joins under
 /// an asserted identity may meet the place that identity already has, so they take
-/// `INSERT … ON CONFLICT` and read back the existing row.
+/// `INSERT … ON CONFLICT` (first, to learn which are new) and read back the existing row.
 async fn write(
     pg: &PgPool,
     batch: &[Pending],
@@ -230,14 +269,14 @@ async fn write(
     // `joined_at` default of every row it inserts.
     // The events are locked against deletion once per batch (what a foreign key would do for
     // every row, migration 0015): a join for an event deleted meanwhile is not recorded.
-    let events: Vec<i64> = events.into_iter().map(EventId::get).collect();
+    let event_ids: Vec<i64> = events.iter().map(|e| e.get()).collect();
     let (now, existing, drawn): (DateTime<Utc>, Vec<i64>, Vec<i64>) = sqlx::query_as(
         "WITH e AS (SELECT id FROM events WHERE id = ANY($1) FOR KEY SHARE)
          SELECT now(), COALESCE(array_agg(e.id), '{}'),
                 COALESCE(array_agg(e.id) FILTER (WHERE d.drawn_at IS NOT NULL), '{}')
          FROM e LEFT JOIN draws d ON d.event_id = e.id",
     )
-    .bind(&events)
+    .bind(&event_ids)
     .fetch_one(&mut *tx)
     .await?;
     let phase = |event: EventId| {
@@ -247,43 +286,19 @@ async fn write(
             "presale"
         }
     };
-    let (fresh, asserted): (Vec<&Pending>, Vec<&Pending>) = batch
+    let recorded: Vec<&Pending> = batch
         .iter()
         .filter(|p| existing.contains(&p.event.get()))
-        .partition(|p| p.identity.is_anonymous_for(p.ticket));
+        .collect();
+    let asserted: Vec<&Pending> = recorded
+        .iter()
+        .copied()
+        .filter(|p| !p.identity.is_anonymous_for(p.ticket))
+        .collect();
     let mut rows = HashMap::with_capacity(batch.len());
 
-    if !fresh.is_empty() {
-        // Text format: ticket ids, event ids, `anon:<uuid>` and the phase need no escaping.
-        let mut data = String::with_capacity(fresh.len() * 96);
-        for p in &fresh {
-            let _ = writeln!(
-                data,
-                "{}\t{}\t{}\t{}",
-                p.ticket.0,
-                p.event.get(),
-                p.identity.as_str(),
-                phase(p.event)
-            );
-        }
-        let mut copy = tx
-            .copy_in_raw("COPY joins (ticket_id, event_id, identity, phase) FROM STDIN")
-            .await?;
-        copy.send(data.into_bytes()).await?;
-        copy.finish().await?;
-        for p in &fresh {
-            let row = JoinRow {
-                ticket_id: p.ticket.0,
-                event_id: p.event.get(),
-                identity: p.identity.as_str().to_owned(),
-                joined_at: now,
-                position: None,
-                phase: phase(p.event).to_owned(),
-            };
-            rows.insert(p.ticket.0, (row, false));
-        }
-    }
-
+    // Asserted identities first: which of them are new decides how many places are given.
+    let mut created_asserted: HashMap<Uuid, JoinRow> = HashMap::new();
     if !asserted.is_empty() {
         let tickets: Vec<Uuid> = asserted.iter().map(|p| p.ticket.0).collect();
         let event_ids: Vec<i64> = asserted.iter().map(|p| p.event.get()).collect();
@@ -293,7 +308,8 @@ async fn write(
             "INSERT INTO joins (ticket_id, event_id, identity, phase)
              SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[])
              ON CONFLICT (event_id, identity) WHERE identity NOT LIKE 'anon:%' DO NOTHING
-             RETURNING ticket_id, event_id, identity, joined_at, position, phase",
+             RETURNING ticket_id, event_id, identity, joined_at, position, phase,
+                       left_at IS NOT NULL AS left",
         )
         .bind(&tickets)
         .bind(&event_ids)
@@ -301,18 +317,112 @@ async fn write(
         .bind(&phases)
         .fetch_all(&mut *tx)
         .await?;
-        let created: HashSet<Uuid> = inserted.iter().map(|r| r.ticket_id).collect();
-        let mut by_identity: HashMap<(i64, String), JoinRow> = inserted
-            .into_iter()
-            .map(|r| ((r.event_id, r.identity.clone()), r))
+        created_asserted = inserted.into_iter().map(|r| (r.ticket_id, r)).collect();
+    }
+
+    // Places at the back for the new live arrivals, in the batch's (arrival) order.
+    let new_live: Vec<&Pending> = recorded
+        .iter()
+        .copied()
+        .filter(|p| phase(p.event) == "live")
+        .filter(|p| {
+            p.identity.is_anonymous_for(p.ticket) || created_asserted.contains_key(&p.ticket.0)
+        })
+        .collect();
+    let mut positions: HashMap<Uuid, i64> = HashMap::with_capacity(new_live.len());
+    for event in &events {
+        let arrivals: Vec<&&Pending> = new_live.iter().filter(|p| p.event == *event).collect();
+        if arrivals.is_empty() {
+            continue;
+        }
+        let tail: i64 = sqlx::query_scalar(
+            "UPDATE draws SET tail = tail + $2 WHERE event_id = $1 RETURNING tail",
+        )
+        .bind(event.get())
+        .bind(arrivals.len() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        let first = tail - arrivals.len() as i64 + 1;
+        for (i, p) in arrivals.iter().enumerate() {
+            positions.insert(p.ticket.0, first + i as i64);
+        }
+    }
+
+    let fresh: Vec<&Pending> = recorded
+        .iter()
+        .copied()
+        .filter(|p| p.identity.is_anonymous_for(p.ticket))
+        .collect();
+    if !fresh.is_empty() {
+        // Text format: ticket ids, event ids, `anon:<uuid>`, the phase and numbers need no
+        // escaping; `\N` is COPY's null.
+        let mut data = String::with_capacity(fresh.len() * 104);
+        for p in &fresh {
+            let _ = write!(
+                data,
+                "{}\t{}\t{}\t{}\t",
+                p.ticket.0,
+                p.event.get(),
+                p.identity.as_str(),
+                phase(p.event)
+            );
+            let _ = match positions.get(&p.ticket.0) {
+                Some(position) => writeln!(data, "{position}"),
+                None => writeln!(data, "\\N"),
+            };
+        }
+        let mut copy = tx
+            .copy_in_raw("COPY joins (ticket_id, event_id, identity, phase, position) FROM STDIN")
+            .await?;
+        copy.send(data.into_bytes()).await?;
+        copy.finish().await?;
+        for p in &fresh {
+            let row = JoinRow {
+                ticket_id: p.ticket.0,
+                event_id: p.event.get(),
+                identity: p.identity.as_str().to_owned(),
+                joined_at: now,
+                position: positions.get(&p.ticket.0).copied(),
+                phase: phase(p.event).to_owned(),
+                left: false,
+            };
+            rows.insert(p.ticket.0, (row, false));
+        }
+    }
+
+    if !asserted.is_empty() {
+        let placed: Vec<(Uuid, i64)> = created_asserted
+            .keys()
+            .filter_map(|t| positions.get(t).map(|p| (*t, *p)))
             .collect();
+        if !placed.is_empty() {
+            let (tickets, numbers): (Vec<Uuid>, Vec<i64>) = placed.iter().copied().unzip();
+            sqlx::query(
+                "UPDATE joins j SET position = w.position
+                 FROM UNNEST($1::uuid[], $2::bigint[]) AS w(ticket_id, position)
+                 WHERE j.ticket_id = w.ticket_id",
+            )
+            .bind(&tickets)
+            .bind(&numbers)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut by_identity: HashMap<(i64, String), JoinRow> = created_asserted
+            .into_values()
+            .map(|mut r| {
+                r.position = r.position.or_else(|| positions.get(&r.ticket_id).copied());
+                ((r.event_id, r.identity.clone()), r)
+            })
+            .collect();
+        let created: HashSet<Uuid> = by_identity.values().map(|r| r.ticket_id).collect();
         let missing: Vec<&&Pending> = asserted
             .iter()
             .filter(|p| !by_identity.contains_key(&(p.event.get(), p.identity.as_str().to_owned())))
             .collect();
         if !missing.is_empty() {
             let existing: Vec<JoinRow> = sqlx::query_as(
-                "SELECT j.ticket_id, j.event_id, j.identity, j.joined_at, j.position, j.phase
+                "SELECT j.ticket_id, j.event_id, j.identity, j.joined_at, j.position, j.phase,
+                        j.left_at IS NOT NULL AS left
                  FROM joins j JOIN UNNEST($1::bigint[], $2::text[]) AS w(event_id, identity)
                    ON j.event_id = w.event_id AND j.identity = w.identity
                  WHERE j.identity NOT LIKE 'anon:%'",

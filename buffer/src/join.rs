@@ -2,8 +2,9 @@
 //!
 //! Before presale: 425. During presale: the join is buffered for the draw. After the draw: the
 //! fan goes to the back of the queue. After the sale: 410. Presenting the ticket already held
-//! returns the same place (a second tab, a retry), never a second one. Every acknowledged join
-//! is committed to Postgres before the answer is sent.
+//! returns the same place (a second tab, a retry), never a second one. Every acknowledged join,
+//! with its place for a live arrival, is committed to Postgres before the answer is sent; the
+//! answer never waits for Redis, which only mirrors the place (`mirror`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use uuid::Uuid;
 
 use crate::draw::ensure_commitment;
 use crate::ingest::{JoinRow, Joined, ReceiptTerms};
-use crate::{queue_store, AppState, Config};
+use crate::{AppState, Config};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/v1/events/{id}/join", post(join))
@@ -103,7 +104,8 @@ pub struct JoinResponse {
     pub ticket: String,
     /// Signed join receipt: check it against the published draw.
     pub receipt: String,
-    /// "buffered" (waiting for the draw) or "queued" (has a position).
+    /// "buffered" (waiting for the draw), "queued" (has a position) or "left" (gave the place
+    /// up).
     pub status: &'static str,
     pub position: Option<i64>,
     pub joined_at: DateTime<Utc>,
@@ -210,23 +212,26 @@ async fn join(
     };
 
     let ticket = TicketId(row.ticket_id);
-    let mut position = row.position;
-    if position.is_none() && row.phase == "live" {
-        let assigned = live_position(&state, event_id, ticket).await?;
-        sqlx::query("UPDATE joins SET position = $2 WHERE ticket_id = $1 AND position IS NULL")
-            .bind(ticket.0)
-            .bind(assigned.get())
-            .execute(&state.pg)
-            .await?;
-        position = Some(assigned.get());
-    }
+    // Live arrivals got their place with their row. A presale fan coming back after the draw
+    // learns where the draw put them (it is not written per fan: see `draw`).
+    let position = match row.position {
+        None if resumed && row.phase == "presale" => {
+            match crate::draw::order(&state, event_id).await? {
+                Some(order) => order.position_of(row.ticket_id).await?,
+                None => None,
+            }
+        }
+        position => position,
+    };
 
     let response = JoinResponse {
         event_id: id,
         ticket_id: row.ticket_id,
         ticket: sign_ticket(&state, &event, ticket, &row)?,
         receipt,
-        status: if position.is_some() {
+        status: if row.left {
+            "left"
+        } else if position.is_some() {
             "queued"
         } else {
             "buffered"
@@ -246,27 +251,11 @@ async fn join(
     Ok((status, Json(response)))
 }
 
-/// A live arrival's place at the back, putting the draw's queue in Redis first if needed.
-async fn live_position(
-    state: &AppState,
-    event: EventId,
-    ticket: TicketId,
-) -> Result<shared::ids::Position, ApiError> {
-    for _ in 0..3 {
-        if let Some(position) = queue_store::append(&state.redis, event, ticket).await? {
-            return Ok(position);
-        }
-        crate::draw::ensure_published(state, event).await?;
-    }
-    Err(ApiError::internal(
-        "the queue is still missing in redis after publishing it",
-    ))
-}
-
 async fn existing_join(state: &AppState, ticket: TicketId) -> Result<JoinRow, ApiError> {
     sqlx::query_as::<_, JoinRow>(
-        "SELECT ticket_id, event_id, identity, joined_at, position, phase FROM joins
-         WHERE ticket_id = $1",
+        "SELECT ticket_id, event_id, identity, joined_at, position, phase,
+                left_at IS NOT NULL AS left
+         FROM joins WHERE ticket_id = $1",
     )
     .bind(ticket.0)
     .fetch_optional(&state.pg)

@@ -3,16 +3,18 @@
 //! 1..N with a published, verifiable seed; after the draw, joins go to the back in arrival order.
 //!
 //! Invariants: one place per identity per event (a Postgres constraint); the draw happens exactly
-//! once (an advisory lock plus the `draws` row); the Redis queue appears whole or not at all (it
-//! is built aside and renamed into place) and can always be rebuilt from Postgres.
+//! once (an advisory lock plus the `draws` row); every place is given by Postgres (the draw's
+//! seed and entrants, `draws.tail` for live arrivals) in the transaction that records it, and the
+//! Redis queue is only a mirror of those places, counted against Postgres every tick and rebuilt
+//! by an idempotent merge that never removes or lowers anything (`mirror`).
 
 pub mod config;
 pub mod draw;
 pub mod identity;
 pub mod ingest;
 pub mod join;
+pub mod mirror;
 pub mod pages;
-mod queue_store;
 pub mod window;
 
 use std::sync::Arc;
@@ -86,6 +88,7 @@ pub async fn connect(config: Config, shutdown: CancellationToken) -> anyhow::Res
         writer: ingest::JoinWriter::start(
             pg.clone(),
             signer.clone(),
+            mirror::Appender::start(redis.clone(), shutdown.clone()),
             config.join_writers,
             shutdown,
         ),

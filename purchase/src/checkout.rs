@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, SubsecRound, Utc};
-use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use shared::error::violated_constraint;
@@ -373,12 +372,10 @@ pub(crate) async fn settle(
     )
     .await
     {
-        Ok((done, sold_out)) => {
-            if sold_out {
-                close_line(state, buyer).await;
-            }
+        Ok((done, _sold_out)) => {
+            // The shopper's admission slot ended, and the event was marked sold out if this
+            // was the last place, in the order's own transaction (migration 0028).
             crate::live::seats_changed(state, buyer.event, &hold.seat_ids, "sold");
-            finish_shopper(state, buyer).await;
             metrics::counter!("purchase_orders_total").increment(1);
             Ok(done)
         }
@@ -512,39 +509,6 @@ async fn commit(
 /// An unguessable ticket code: 128 random bits in hex.
 fn ticket_code() -> String {
     format!("FG-{}", Uuid::new_v4().simple()).to_uppercase()
-}
-
-/// Tells the admission controller the event is sold out, before the last buyer's slot is freed,
-/// so that slot cannot let one more fan in.
-async fn close_line(state: &AppState, buyer: &Buyer) {
-    let result: Result<(), _> = state
-        .redis
-        .client()
-        .set(
-            state.redis.keys(buyer.event).sold_out(),
-            1,
-            None,
-            None,
-            false,
-        )
-        .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not flag the sold-out event in redis");
-    }
-}
-
-/// Hands the shopper's slot back to the admission controller (idempotent: removing a removed
-/// slot does nothing).
-async fn finish_shopper(state: &AppState, buyer: &Buyer) {
-    let keys = state.redis.keys(buyer.event);
-    let result: Result<i64, _> = state
-        .redis
-        .client()
-        .zrem(keys.slots(), format!("t:{}", buyer.ticket))
-        .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "could not release the shopper's admission slot");
-    }
 }
 
 #[instrument(skip_all, fields(event = %pass.event))]

@@ -497,19 +497,17 @@ async fn update_event(
     .execute(&mut *tx)
     .await?;
     insert_places(&mut tx, id, &change.add_sections, &change.add_ticket_types).await?;
-    let reopened = added > 0
-        && sqlx::query(
+    // New places reopen a sold-out line: the admission controller reads this (Postgres)
+    // before each tick.
+    if added > 0 {
+        sqlx::query(
             "UPDATE events SET sold_out_at = NULL WHERE id = $1 AND sold_out_at IS NOT NULL",
         )
         .bind(id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-    tx.commit().await?;
-    if reopened {
-        crate::refunds::reopen_line(&state, event_id).await;
+        .await?;
     }
+    tx.commit().await?;
     tracing::info!(
         event = id,
         added,

@@ -9,7 +9,6 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::post;
 use axum::Router;
-use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use shared::extract::{Json, Path};
 use shared::ids::EventId;
@@ -158,7 +157,6 @@ pub async fn refund_order(
     tx.commit().await?;
     crate::live::seats_changed(state, event, &seat_ids, "available");
     tracing::info!(%actor, seats = seat_ids.len(), "order refunded; seats back on sale");
-    reopen_line(state, event).await;
     let status = match finish_refund(state, order_id, &payment_ref).await {
         Ok(()) => "refunded",
         Err(e) => {
@@ -172,18 +170,6 @@ pub async fn refund_order(
         status: status.into(),
         seats_returned: seat_ids,
     })
-}
-
-/// Places are back on sale: the line reopens and admissions may resume.
-pub async fn reopen_line(state: &AppState, event: EventId) {
-    let reopened: Result<i64, _> = state
-        .redis
-        .client()
-        .del(state.redis.keys(event).sold_out())
-        .await;
-    if let Err(e) = reopened {
-        tracing::warn!(error = %e, "could not clear the sold-out flag");
-    }
 }
 
 /// Returns the money of an order whose seats are already back on sale.

@@ -4,16 +4,28 @@
 //! Waiters only read their event's channel: an update costs O(1) Redis work per instance.
 //!
 //! Besides the full state, each event has a second channel carrying only what every waiter must
-//! hear at once (`Notice`: the draw, a pause, a message, the rate, sold out). A waiter far back
-//! listens only to that one and sleeps until its next paced update, so the head moving, a late
-//! arrival or a shopper finishing wakes the few waiters near the front, not all 200,000.
+//! hear at once (`Notice`: the draw, a pause, a message, the rate, sold out, the room catching
+//! up). A waiter far back listens only to that one and sleeps until its next paced update, so
+//! the head moving, a late arrival or a shopper finishing wakes the few waiters near the front,
+//! not all 200,000.
+//!
+//! The numbers are Postgres's (the leader publishes what its tick committed; the refresher reads
+//! Postgres), so they never depend on what Redis still holds; each instance's view only moves
+//! forward (head and tail are raised, never lowered). While Redis is out of reach or its mirror
+//! of the line is being rebuilt, the state says `catching_up` and waiters keep their sockets.
+//!
+//! Open sockets per ticket are counted across every instance in Redis (`EventKeys::sockets`):
+//! each socket is a member that lapses unless its instance renews it, so a crashed instance's
+//! sockets stop counting within [`SOCKET_LEASE`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
 use shared::config::CommonConfig;
 use shared::event::SaleEvent;
@@ -45,6 +57,10 @@ pub struct QueueState {
     /// Every seat is sold: the line is over.
     #[serde(default)]
     pub sold_out: bool,
+    /// The draw has run but Redis is out of reach or its mirror of the line is being rebuilt:
+    /// places cannot be looked up for a moment.
+    #[serde(default)]
+    pub catching_up: bool,
     /// Milliseconds since the epoch when this was read.
     pub at_ms: i64,
 }
@@ -63,6 +79,7 @@ impl QueueState {
             paused: event.paused,
             message: event.message.clone(),
             sold_out: event.sold_out_at.is_some(),
+            catching_up: false,
             at_ms: Utc::now().timestamp_millis(),
         }
     }
@@ -77,6 +94,7 @@ pub struct Notice {
     pub message: Option<String>,
     pub rate_per_minute: i64,
     pub sold_out: bool,
+    pub catching_up: bool,
 }
 
 impl Notice {
@@ -87,6 +105,7 @@ impl Notice {
             message: state.message.clone(),
             rate_per_minute: state.rate_per_minute,
             sold_out: state.sold_out,
+            catching_up: state.catching_up,
         }
     }
 }
@@ -121,13 +140,59 @@ struct HubInner {
     pg: PgPool,
     events: Mutex<HashMap<EventId, Channels>>,
     sockets: Mutex<Sockets>,
+    /// This instance's id, naming its sockets in Redis.
+    instance: String,
+    next_socket: AtomicU64,
 }
 
+/// The sockets open on this instance.
 #[derive(Default)]
 struct Sockets {
     total: usize,
     per_ticket: HashMap<TicketId, usize>,
+    /// Each open socket's Redis member, by event, with its ticket (renewed together).
+    members: HashMap<EventId, HashMap<String, TicketId>>,
 }
+
+/// How long a socket counts for its ticket in Redis unless its instance renews it.
+pub const SOCKET_LEASE: Duration = Duration::from_secs(60);
+
+static SOCKET_OPEN: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: the ticket's sockets   ARGV: member, lease ms, most sockets
+-- 1 if the socket may open (and now counts), 0 if the ticket has its most open already.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#,
+    )
+});
+
+static SOCKET_RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+-- KEYS: tickets' socket sets   ARGV: lease ms, then one member per key
+-- Renews (or, after Redis lost them, restores) this instance's open sockets.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return #KEYS
+"#,
+    )
+});
 
 /// Why a websocket was not opened.
 #[derive(Debug, PartialEq, Eq)]
@@ -146,6 +211,8 @@ impl Hub {
                 pg,
                 events: Mutex::default(),
                 sockets: Mutex::default(),
+                instance: uuid::Uuid::new_v4().simple().to_string(),
+                next_socket: AtomicU64::new(0),
             }),
         }
     }
@@ -193,8 +260,11 @@ impl Hub {
                 if state.at_ms < current.at_ms {
                     return false;
                 }
+                // Once drawn, always drawn; the line's head and tail only move forward.
                 let next = QueueState {
                     head: current.head.max(state.head),
+                    tail: current.tail.max(state.tail),
+                    drawn: current.drawn || state.drawn,
                     ..state
                 };
                 let changed = QueueState {
@@ -219,29 +289,125 @@ impl Hub {
         }
     }
 
-    /// Registers a socket for `ticket`, within `per_ticket` sockets for it and `total` for this
-    /// instance.
-    pub fn open_socket(
+    /// Registers a socket for `ticket` of `event`, within `per_ticket` sockets for that ticket
+    /// across every instance and `total` for this instance. While Redis is out of reach the
+    /// ticket's sockets are counted on this instance only.
+    pub async fn open_socket(
         &self,
+        event: EventId,
         ticket: TicketId,
         per_ticket: usize,
         total: usize,
     ) -> Result<SocketGuard, SocketRefused> {
+        {
+            let sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            if sockets.total >= total {
+                return Err(SocketRefused::InstanceFull);
+            }
+        }
+        let member = format!(
+            "{}:{}",
+            self.inner.instance,
+            self.inner.next_socket.fetch_add(1, Ordering::Relaxed)
+        );
+        let key = self.inner.redis.keys(event).sockets(&ticket.to_string());
+        let shared: Result<i64, _> = SOCKET_OPEN
+            .evalsha_with_reload(
+                self.inner.redis.client(),
+                vec![key.clone()],
+                vec![
+                    member.clone(),
+                    SOCKET_LEASE.as_millis().to_string(),
+                    per_ticket.to_string(),
+                ],
+            )
+            .await;
+        let counted = match shared {
+            Ok(0) => return Err(SocketRefused::TicketFull),
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the ticket's sockets in redis; counting here only");
+                false
+            }
+        };
         let mut sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
         if sockets.total >= total {
+            drop(sockets);
+            if counted {
+                self.forget_member(key, member);
+            }
             return Err(SocketRefused::InstanceFull);
         }
         let count = sockets.per_ticket.entry(ticket).or_insert(0);
-        if *count >= per_ticket {
+        if !counted && *count >= per_ticket {
             return Err(SocketRefused::TicketFull);
         }
         *count += 1;
         sockets.total += 1;
+        sockets
+            .members
+            .entry(event)
+            .or_default()
+            .insert(member.clone(), ticket);
         metrics::gauge!("queue_websockets_open").increment(1.0);
         Ok(SocketGuard {
             hub: self.clone(),
+            event,
             ticket,
+            member,
         })
+    }
+
+    /// Stops counting a socket in Redis (in the background: a closing socket never waits).
+    fn forget_member(&self, key: String, member: String) {
+        let redis = self.inner.redis.clone();
+        tokio::spawn(async move {
+            let removed: Result<i64, _> = redis.client().zrem(key, member).await;
+            if let Err(e) = removed {
+                tracing::debug!(error = %e, "could not uncount a closed socket; it lapses by itself");
+            }
+        });
+    }
+
+    /// Renews this instance's sockets in Redis every third of their lease, until `shutdown`.
+    pub async fn run_socket_renewal(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(SOCKET_LEASE / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let open: Vec<(EventId, Vec<(String, String)>)> = {
+                let sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
+                sockets
+                    .members
+                    .iter()
+                    .map(|(event, members)| {
+                        let keys = self.inner.redis.keys(*event);
+                        let members = members
+                            .iter()
+                            .map(|(m, t)| (keys.sockets(&t.to_string()), m.clone()))
+                            .collect();
+                        (*event, members)
+                    })
+                    .collect()
+            };
+            for (event, members) in open {
+                for chunk in members.chunks(500) {
+                    let (keys, mut args): (Vec<String>, Vec<String>) =
+                        chunk.iter().cloned().unzip();
+                    args.insert(0, SOCKET_LEASE.as_millis().to_string());
+                    let renewed: Result<i64, _> = SOCKET_RENEW
+                        .evalsha_with_reload(self.inner.redis.client(), keys, args)
+                        .await;
+                    if let Err(e) = renewed {
+                        tracing::warn!(event = %event, error = %e, "could not renew open sockets");
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// One subscription for the whole instance to the admission controllers' state channel.
@@ -289,50 +455,81 @@ impl Hub {
     }
 }
 
-/// Decrements a ticket's open-socket count when the socket ends.
+/// Uncounts a socket (here and in Redis) when it ends.
 pub struct SocketGuard {
     hub: Hub,
+    event: EventId,
     ticket: TicketId,
+    member: String,
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let mut sockets = self
-            .hub
-            .inner
-            .sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        sockets.total = sockets.total.saturating_sub(1);
-        if let Some(count) = sockets.per_ticket.get_mut(&self.ticket) {
-            *count -= 1;
-            if *count == 0 {
-                sockets.per_ticket.remove(&self.ticket);
+        {
+            let mut sockets = self
+                .hub
+                .inner
+                .sockets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            sockets.total = sockets.total.saturating_sub(1);
+            if let Some(count) = sockets.per_ticket.get_mut(&self.ticket) {
+                *count -= 1;
+                if *count == 0 {
+                    sockets.per_ticket.remove(&self.ticket);
+                }
+            }
+            if let Some(members) = sockets.members.get_mut(&self.event) {
+                members.remove(&self.member);
+                if members.is_empty() {
+                    sockets.members.remove(&self.event);
+                }
             }
         }
         metrics::gauge!("queue_websockets_open").decrement(1.0);
+        let key = self
+            .hub
+            .inner
+            .redis
+            .keys(self.event)
+            .sockets(&self.ticket.to_string());
+        self.hub
+            .forget_member(key, std::mem::take(&mut self.member));
     }
 }
 
-/// Reads an event's queue counters from Redis (one MGET) and its settings from Postgres.
+#[derive(sqlx::FromRow)]
+struct Line {
+    drawn: bool,
+    head: i64,
+    tail: i64,
+    active: i64,
+}
+
+/// Reads an event's line from Postgres (head, tail and active shoppers as committed, and its
+/// settings), and from Redis only whether its mirror is whole.
 pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::Result<QueueState> {
-    let keys = redis.keys(event);
-    let values: Vec<Option<i64>> = redis
-        .client()
-        .mget(vec![keys.drawn(), keys.head(), keys.tail()])
-        .await?;
-    let active: i64 = redis.client().zcard(keys.slots()).await?;
-    let get = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
     let settings = SaleEvent::load(pg, event)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(QueueState::of(
-        &settings,
-        get(0) == 1,
-        get(1),
-        get(2),
-        active,
-    ))
+    let line: Line = sqlx::query_as(
+        "SELECT d.drawn_at IS NOT NULL AS drawn, COALESCE(d.tail, 0) AS tail,
+                COALESCE(a.head, 0) AS head,
+                (SELECT count(*) FROM admissions s
+                 WHERE s.event_id = $1 AND s.slot_until > now()) AS active
+         FROM (SELECT $1::bigint AS event_id) e
+         LEFT JOIN draws d ON d.event_id = e.event_id
+         LEFT JOIN admission_state a ON a.event_id = e.event_id",
+    )
+    .bind(event.get())
+    .fetch_one(pg)
+    .await?;
+    let mut state = QueueState::of(&settings, line.drawn, line.head, line.tail, line.active);
+    if line.drawn {
+        let whole: Result<i64, _> = redis.client().exists(redis.keys(event).drawn()).await;
+        state.catching_up = !matches!(whole, Ok(1));
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -348,24 +545,26 @@ mod tests {
         Hub::new(redis, pg)
     }
 
+    /// Without Redis (never connected here) each instance still holds both caps on its own.
     #[tokio::test]
-    async fn socket_caps_per_ticket_and_per_instance_hold_and_free() {
+    async fn socket_caps_hold_and_free_on_one_instance_without_redis() {
         let hub = hub();
+        let event = EventId::new(1).expect("id");
         let (a, b) = (TicketId::mint(), TicketId::mint());
-        let a1 = hub.open_socket(a, 2, 3).expect("first");
-        let _a2 = hub.open_socket(a, 2, 3).expect("second");
+        let a1 = hub.open_socket(event, a, 2, 3).await.expect("first");
+        let _a2 = hub.open_socket(event, a, 2, 3).await.expect("second");
         assert_eq!(
-            hub.open_socket(a, 2, 3).err(),
+            hub.open_socket(event, a, 2, 3).await.err(),
             Some(SocketRefused::TicketFull)
         );
-        let _b1 = hub.open_socket(b, 2, 3).expect("b");
+        let _b1 = hub.open_socket(event, b, 2, 3).await.expect("b");
         assert_eq!(
-            hub.open_socket(b, 2, 3).err(),
+            hub.open_socket(event, b, 2, 3).await.err(),
             Some(SocketRefused::InstanceFull)
         );
         drop(a1);
         assert!(
-            hub.open_socket(b, 2, 3).is_ok(),
+            hub.open_socket(event, b, 2, 3).await.is_ok(),
             "a closed socket frees its place"
         );
     }

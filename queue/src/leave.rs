@@ -1,17 +1,18 @@
 //! `POST /api/v1/events/{id}/leave`: a fan gives up their place. Before the draw they leave the
 //! draw's entrant set (decided under the draw lock, so the published order stays recomputable);
-//! after it their position is skipped by the admission controller and takes no one's slot.
+//! after it their position is recorded as given up (`joins.left_position`) and the admission
+//! controller passes over it, taking no one's slot. The leave and the admission tick serialise
+//! on the event's `admission_state` row, so a fan is either admitted or gone, never both.
 
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use fred::prelude::*;
 use serde::{Deserialize, Serialize};
 use shared::extract::{Json, Path};
 use shared::ApiError;
 use tracing::instrument;
 
-use crate::pass::{position_of, ticket_for};
+use crate::pass::ticket_for;
 use crate::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -62,32 +63,38 @@ async fn leave(
     }
     tx.commit().await?;
 
-    let position = position_of(&state, event, ticket.tkt)
+    let position = state
+        .positions
+        .of(event, ticket.tkt)
         .await?
         .ok_or_else(|| {
             ApiError::Conflict(
                 "not_in_queue_yet",
-                "the queue is being set up after the draw; retry in a moment".into(),
+                "this ticket has no place in the line".into(),
             )
         })?;
-    let keys = state.redis.keys(event);
-    let head: Option<i64> = state.redis.client().get(keys.head()).await?;
-    if position.get() <= head.unwrap_or(0) {
+    let mut tx = state.pg.begin().await?;
+    let head: i64 =
+        sqlx::query_scalar("SELECT head FROM admission_state WHERE event_id = $1 FOR SHARE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or(0);
+    if position.get() <= head {
         return Err(ApiError::Conflict(
             "already_admitted",
             "your turn has already come; simply do not use your pass".into(),
         ));
     }
-    // Durable first (a rebuilt queue restores it), then the position the controller skips.
-    sqlx::query("UPDATE joins SET left_at = COALESCE(left_at, now()) WHERE ticket_id = $1")
-        .bind(ticket.tkt.0)
-        .execute(&state.pg)
-        .await?;
-    let _: i64 = state
-        .redis
-        .client()
-        .sadd(keys.left(), position.get())
-        .await?;
+    sqlx::query(
+        "UPDATE joins SET left_at = COALESCE(left_at, now()), left_position = $2
+         WHERE ticket_id = $1",
+    )
+    .bind(ticket.tkt.0)
+    .bind(position.get())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
     metrics::counter!("queue_fans_left_total").increment(1);
     Ok(Json(Left {
         left: true,

@@ -4,8 +4,10 @@
 //! pass on the websocket or by claiming it over HTTP.
 //!
 //! Invariants: per update, no Redis call per waiter (each instance learns the queue state from one
-//! subscription and computes every waiter's numbers locally); only the current leader admits, and
-//! a replayed admission script admits nobody twice; one ticket yields one pass (`passes` row).
+//! subscription and computes every waiter's numbers locally); every admission and pass is decided
+//! and recorded in Postgres (`admissions`, `passes`: one admission per place, one pass per
+//! ticket), whichever instance leads, and Redis only mirrors the outcome; the head never moves
+//! back.
 
 pub mod admission;
 pub mod config;
@@ -60,7 +62,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let Backends { pg, redis, .. } = Backends::connect("queue", &config.common).await?;
     let signer = config.signing.signer(&config.common.issuer)?;
     let hub = hub::Hub::new(redis.clone(), pg.clone());
-    let (positions, position_lookups) = positions::Positions::new(redis.clone(), shutdown.clone());
+    let (positions, position_lookups) =
+        positions::Positions::new(redis.clone(), pg.clone(), shutdown.clone());
     let state = AppState {
         positions,
         operators: shared::auth::NamedTokens::parse("operator", config.operator_tokens.as_deref())?,
@@ -80,6 +83,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .run_subscriber(state.config.common.clone(), shutdown.clone()),
     );
     running.spawn(position_lookups);
+    running.spawn(hub.clone().run_socket_renewal(shutdown.clone()));
     running.spawn(hub.run_refresher(state.config.refresh_ms, shutdown.clone()));
     running.spawn(admission::run(state, shutdown));
     Ok(running)

@@ -60,7 +60,7 @@ pub struct Stats {
     pub sold_out: bool,
     /// In line and not yet admitted.
     pub waiting: i64,
-    /// Positions admitted so far (the serving head).
+    /// The serving head: every place up to it was admitted or given up.
     pub admitted: i64,
     /// Shoppers holding a slot now (admitted and unclaimed, or with a live pass).
     pub active: i64,
@@ -85,26 +85,15 @@ async fn stats(
     let q = read_state(&state.redis, &state.pg, event_id)
         .await
         .map_err(ApiError::internal)?;
-    let passes: i64 = sqlx::query_scalar("SELECT count(*) FROM passes WHERE event_id = $1")
-        .bind(id)
-        .fetch_one(&state.pg)
-        .await?;
-    // Admissions still inside their claim window are the `p:` slots.
-    let slots: Vec<String> = state
-        .redis
-        .client()
-        .zrange(
-            state.redis.keys(event_id).slots(),
-            0,
-            -1,
-            None,
-            false,
-            None,
-            false,
-        )
-        .await?;
-    let unclaimed = slots.iter().filter(|m| m.starts_with("p:")).count() as i64;
-    let lapsed = (q.head - passes - unclaimed).max(0);
+    let (passes, admitted, lapsed): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM passes WHERE event_id = $1),
+                (SELECT count(*) FROM admissions WHERE event_id = $1),
+                (SELECT count(*) FROM admissions
+                 WHERE event_id = $1 AND ticket_id IS NULL AND claim_by <= now())",
+    )
+    .bind(id)
+    .fetch_one(&state.pg)
+    .await?;
     let waiting = (q.tail - q.head).max(0);
     Ok(Json(Stats {
         event_id: id,
@@ -116,8 +105,8 @@ async fn stats(
         active: q.active,
         max_active: q.max_active,
         passes_issued: passes,
-        no_show_rate: if q.head > 0 {
-            lapsed as f64 / q.head as f64
+        no_show_rate: if admitted > 0 {
+            lapsed as f64 / admitted as f64
         } else {
             0.0
         },

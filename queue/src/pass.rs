@@ -1,15 +1,17 @@
 //! Passes: issued to admitted fans, recorded in Postgres (one per ticket), signed with Ed25519.
 //! Re-issuing returns the same pass: the claims come from the stored row and Ed25519 signatures
 //! are deterministic, so no token needs storing. Public keys are at `/.well-known/jwks.json`.
+//!
+//! Whether a fan may have a pass is Postgres's decision alone, in the transaction that records
+//! it: their place must have an `admissions` row (the controller admitted it) whose claim
+//! window has not passed; claiming turns the place's slot into one that lasts as long as the
+//! pass. Nothing here reads the serving head from Redis, so a Redis that lost its data can
+//! neither refuse a fan admitted a moment ago nor let in one whose turn has not come.
 
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
-use std::sync::LazyLock;
-
-use fred::prelude::*;
-use fred::types::scripts::Script;
 use serde::{Deserialize, Serialize};
 use shared::event::SaleEvent;
 use shared::extract::{Json, Path};
@@ -48,29 +50,19 @@ struct PassRow {
     expires_at: DateTime<Utc>,
 }
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::from_lua(
-        r#"
--- KEYS: slots   ARGV: position, ticket id, pass expiry (ms)
--- 1 if the ticket holds (or now takes over) a live admission slot; 0 if its admission lapsed.
-if redis.call('ZSCORE', KEYS[1], 't:' .. ARGV[2]) then
-  return 1
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lapse = redis.call('ZSCORE', KEYS[1], 'p:' .. ARGV[1])
-if lapse and tonumber(lapse) > now then
-  redis.call('ZREM', KEYS[1], 'p:' .. ARGV[1])
-  redis.call('ZADD', KEYS[1], ARGV[3], 't:' .. ARGV[2])
-  return 1
-end
-return 0
-"#,
-    )
-});
+/// A place's admission as the claim reads it.
+#[derive(sqlx::FromRow)]
+struct Admitted {
+    claim_by: DateTime<Utc>,
+    /// The ticket whose pass took the place, once claimed.
+    claimed_by: Option<Uuid>,
+    /// The claim window is still open.
+    open: bool,
+    now: DateTime<Utc>,
+}
 
-/// The pass of an admitted ticket: the one already issued, or a new one if the admission has not
-/// lapsed (its slot then lives as long as the pass).
+/// The pass of an admitted ticket: the one already issued, or a new one if its place was
+/// admitted and the claim window has not passed (its slot then lives as long as the pass).
 #[instrument(skip_all, fields(event = %ticket.evt, ticket = %ticket.tkt))]
 pub async fn issue(
     state: &AppState,
@@ -81,61 +73,126 @@ pub async fn issue(
     if let Some(row) = stored_pass(state, ticket.tkt).await? {
         return sign(state, event, ticket, row);
     }
-    let left: bool = sqlx::query_scalar(
-        "SELECT COALESCE((SELECT left_at IS NOT NULL FROM joins WHERE ticket_id = $1), false)",
+    let mut tx = state.pg.begin().await?;
+    let admission: Option<Admitted> = sqlx::query_as(
+        "SELECT claim_by, ticket_id AS claimed_by, claim_by > now() AS open, now() AS now
+         FROM admissions WHERE event_id = $1 AND position = $2 FOR UPDATE",
     )
-    .bind(ticket.tkt.0)
-    .fetch_one(&state.pg)
+    .bind(event.id)
+    .bind(position.get())
+    .fetch_optional(&mut *tx)
     .await?;
-    if left {
-        return Err(ApiError::Gone(
-            "left_queue",
-            "this ticket left the line; its place has passed on".into(),
-        ));
+    let Some(Admitted {
+        claim_by,
+        claimed_by,
+        open,
+        now,
+    }) = admission
+    else {
+        tx.rollback().await?;
+        return Err(not_admitted(state, event, ticket, position).await?);
+    };
+    match claimed_by {
+        // Claimed by this ticket in a transaction that committed after our first read.
+        Some(t) if t == ticket.tkt.0 => {
+            tx.rollback().await?;
+            let row = stored_pass(state, ticket.tkt)
+                .await?
+                .ok_or_else(|| ApiError::internal("a claimed place has no pass"))?;
+            return sign(state, event, ticket, row);
+        }
+        Some(_) => {
+            return Err(ApiError::Conflict(
+                "place_claimed",
+                "this place's pass was issued to another ticket".into(),
+            ))
+        }
+        None if !open => {
+            return Err(ApiError::Gone(
+                "admission_lapsed",
+                format!(
+                    "your turn came at {} and was not claimed within {} seconds; the place has passed on",
+                    (claim_by - chrono::Duration::seconds(i64::from(event.claim_window_secs)))
+                        .to_rfc3339(),
+                    event.claim_window_secs
+                ),
+            ))
+        }
+        None => {}
     }
-    let now = DateTime::<Utc>::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
-    let expires = now + chrono::Duration::seconds(i64::from(event.pass_ttl_secs));
-    let claimed: i64 = CLAIM
-        .evalsha_with_reload(
-            state.redis.client(),
-            vec![state.redis.keys(event.event_id()).slots()],
-            vec![
-                position.get().to_string(),
-                ticket.tkt.to_string(),
-                expires.timestamp_millis().to_string(),
-            ],
-        )
-        .await?;
-    if claimed == 0 {
-        return Err(ApiError::Gone(
-            "admission_lapsed",
-            format!(
-                "your turn came and was not claimed within {} seconds; the place has passed on",
-                event.claim_window_secs
-            ),
-        ));
-    }
+    // Whole seconds: the token's `iat`/`exp` are seconds, and the row must sign identically.
+    let issued = DateTime::<Utc>::from_timestamp(now.timestamp(), 0).unwrap_or(now);
+    let expires = issued + chrono::Duration::seconds(i64::from(event.pass_ttl_secs));
     sqlx::query(
         "INSERT INTO passes (jti, event_id, ticket_id, identity, seat_limit, issued_at,
-                             expires_at, kid)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT ON CONSTRAINT passes_one_per_ticket DO NOTHING",
+                             expires_at, kid, position)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(Uuid::now_v7())
     .bind(event.id)
     .bind(ticket.tkt.0)
     .bind(&ticket.sub)
     .bind(event.seats_per_fan)
-    .bind(now)
+    .bind(issued)
     .bind(expires)
     .bind(state.signer.kid())
-    .execute(&state.pg)
+    .bind(position.get())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| match shared::error::violated_constraint(&e) {
+        Some("passes_one_per_ticket") => ApiError::Conflict(
+            "pass_issued",
+            "this ticket's pass was issued a moment ago; ask again".into(),
+        ),
+        _ => ApiError::from(e),
+    })?;
+    sqlx::query(
+        "UPDATE admissions SET ticket_id = $3, claimed_at = now(), slot_until = $4
+         WHERE event_id = $1 AND position = $2",
+    )
+    .bind(event.id)
+    .bind(position.get())
+    .bind(ticket.tkt.0)
+    .bind(expires)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     let row = stored_pass(state, ticket.tkt)
         .await?
         .ok_or_else(|| ApiError::internal("a pass just recorded is missing"))?;
     metrics::counter!("queue_passes_issued_total").increment(1);
     sign(state, event, ticket, row)
+}
+
+/// Why a place without an admission has no pass: the fan left, or their turn has not come.
+async fn not_admitted(
+    state: &AppState,
+    event: &SaleEvent,
+    ticket: &TicketClaims,
+    position: Position,
+) -> Result<ApiError, ApiError> {
+    let (left, head): (bool, i64) = sqlx::query_as(
+        "SELECT COALESCE((SELECT left_at IS NOT NULL FROM joins WHERE ticket_id = $1), false),
+                COALESCE((SELECT head FROM admission_state WHERE event_id = $2), 0)",
+    )
+    .bind(ticket.tkt.0)
+    .bind(event.id)
+    .fetch_one(&state.pg)
+    .await?;
+    Ok(if left {
+        ApiError::Gone(
+            "left_queue",
+            "this ticket left the line; its place has passed on".into(),
+        )
+    } else {
+        ApiError::Conflict(
+            "not_admitted_yet",
+            format!(
+                "not your turn yet: {} fans are ahead of you",
+                (position.get() - head - 1).max(0)
+            ),
+        )
+    })
 }
 
 async fn stored_pass(state: &AppState, ticket: TicketId) -> Result<Option<PassRow>, ApiError> {
@@ -189,20 +246,6 @@ pub fn ticket_for(
     Ok((event, ticket))
 }
 
-/// The ticket's queue position, if the draw has placed it.
-pub async fn position_of(
-    state: &AppState,
-    event: EventId,
-    ticket: TicketId,
-) -> Result<Option<Position>, ApiError> {
-    let score: Option<f64> = state
-        .redis
-        .client()
-        .zscore(state.redis.keys(event).queue(), ticket.to_string())
-        .await?;
-    Ok(score.and_then(|s| Position::new(s as i64)))
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClaimRequest {
@@ -219,7 +262,9 @@ async fn claim(
 ) -> Result<Json<IssuedPass>, ApiError> {
     let (event_id, ticket) = ticket_for(&state, id, &request.ticket)?;
     let event = SaleEvent::load(&state.pg, event_id).await?;
-    let position = position_of(&state, event_id, ticket.tkt)
+    let position = state
+        .positions
+        .of(event_id, ticket.tkt)
         .await?
         .ok_or_else(|| {
             ApiError::Conflict(
@@ -227,20 +272,5 @@ async fn claim(
                 "this ticket has no queue position yet (the draw has not run)".into(),
             )
         })?;
-    let head: Option<i64> = state
-        .redis
-        .client()
-        .get(state.redis.keys(event_id).head())
-        .await?;
-    let head = head.unwrap_or(0);
-    if position.get() > head {
-        return Err(ApiError::Conflict(
-            "not_admitted_yet",
-            format!(
-                "not your turn yet: {} fans are ahead of you",
-                position.get() - head - 1
-            ),
-        ));
-    }
     Ok(Json(issue(&state, &event, &ticket, position).await?))
 }

@@ -2,6 +2,12 @@
 //! when the draw places it. At the draw every waiter of an instance asks at the same moment, so
 //! the lookups are coalesced — one `ZMSCORE` per event for everything queued (up to
 //! [`MAX_BATCH`]) — instead of one Redis call per waiter.
+//!
+//! Redis only mirrors the places Postgres gave, so a position found there is right; a ticket not
+//! found there is asked of Postgres (one query per batch): a live arrival's place is in its
+//! row (its mirror write may still be on its way), a presale fan who left before the draw has
+//! none, and a draw entrant missing from Redis means the mirror is being rebuilt — the answer is
+//! then "catching up" (503), never a wrong or missing place.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +17,10 @@ use fred::prelude::*;
 use shared::ids::{EventId, Position, TicketId};
 use shared::redis::Redis;
 use shared::ApiError;
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// Positions looked up in one Redis call at most.
 pub const MAX_BATCH: usize = 2_000;
@@ -29,6 +37,7 @@ impl Positions {
     /// The lookup service and the task to run for it (until `shutdown`).
     pub fn new(
         redis: Redis,
+        pg: PgPool,
         shutdown: CancellationToken,
     ) -> (Self, impl std::future::Future<Output = anyhow::Result<()>>) {
         let (queue, receiver) = mpsc::channel(50_000);
@@ -38,7 +47,7 @@ impl Positions {
                 queue,
                 batches: batches.clone(),
             },
-            run(redis, receiver, batches, shutdown),
+            run(redis, pg, receiver, batches, shutdown),
         )
     }
 
@@ -47,7 +56,8 @@ impl Positions {
         self.batches.load(Ordering::Relaxed)
     }
 
-    /// The ticket's position in the event's queue (`None` if it has none).
+    /// The ticket's position in the event's queue (`None` if it has none: the draw has not
+    /// run, or the fan left before it); 503 `catching_up` while it cannot be known.
     pub async fn of(&self, event: EventId, ticket: TicketId) -> Result<Option<Position>, ApiError> {
         let (reply, answer) = oneshot::channel();
         self.queue
@@ -62,6 +72,7 @@ impl Positions {
 
 async fn run(
     redis: Redis,
+    pg: PgPool,
     mut receiver: mpsc::Receiver<(EventId, TicketId, Reply)>,
     batches: Arc<AtomicU64>,
     shutdown: CancellationToken,
@@ -83,33 +94,98 @@ async fn run(
             batches.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("queue_position_batches_total").increment(1);
             metrics::counter!("queue_position_lookups_total").increment(waiting.len() as u64);
-            let members: Vec<String> = waiting.iter().map(|(t, _)| t.to_string()).collect();
-            let scores: Result<Vec<Option<f64>>, _> = if members.len() == 1 {
-                // ZMSCORE of one member answers a bare value, not a list.
-                redis
-                    .client()
-                    .zscore(redis.keys(event).queue(), members[0].clone())
-                    .await
-                    .map(|s: Option<f64>| vec![s])
-            } else {
-                redis
-                    .client()
-                    .zmscore(redis.keys(event).queue(), members)
-                    .await
-            };
-            match scores {
-                Ok(scores) => {
-                    for ((_, reply), score) in waiting.into_iter().zip(scores) {
-                        let _ = reply.send(Ok(score.and_then(|s| Position::new(s as i64))));
+            let tickets: Vec<TicketId> = waiting.iter().map(|(t, _)| *t).collect();
+            let found = look_up(&redis, &pg, event, &tickets).await;
+            match found {
+                Ok(found) => {
+                    for ((_, reply), place) in waiting.into_iter().zip(found) {
+                        let _ = reply.send(place);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "position lookup failed");
                     for (_, reply) in waiting {
-                        let _ = reply.send(Err(ApiError::internal("position lookup failed")));
+                        let _ = reply.send(Err(catching_up()));
                     }
                 }
             }
         }
     }
+}
+
+/// 503 while places cannot be read.
+pub fn catching_up() -> ApiError {
+    ApiError::Unavailable(
+        "catching_up",
+        "the waiting room is catching up after an interruption; your place is kept, retry shortly"
+            .into(),
+    )
+}
+
+/// The places of `tickets` (see the module doc), in their order.
+async fn look_up(
+    redis: &Redis,
+    pg: &PgPool,
+    event: EventId,
+    tickets: &[TicketId],
+) -> Result<Vec<Result<Option<Position>, ApiError>>, ApiError> {
+    let members: Vec<String> = tickets.iter().map(|t| t.to_string()).collect();
+    let scores: Vec<Option<f64>> = if members.len() == 1 {
+        // ZMSCORE of one member answers a bare value, not a list.
+        let score: Option<f64> = redis
+            .client()
+            .zscore(redis.keys(event).queue(), members[0].clone())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "redis position lookup failed; asking postgres");
+                None
+            });
+        vec![score]
+    } else {
+        redis
+            .client()
+            .zmscore(redis.keys(event).queue(), members)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "redis position lookup failed; asking postgres");
+                vec![None; tickets.len()]
+            })
+    };
+    let missing: Vec<Uuid> = tickets
+        .iter()
+        .zip(&scores)
+        .filter(|(_, s)| s.is_none())
+        .map(|(t, _)| t.0)
+        .collect();
+    let mut known: HashMap<Uuid, Result<Option<Position>, ApiError>> = HashMap::new();
+    if !missing.is_empty() {
+        let rows: Vec<(Uuid, String, Option<i64>, bool, bool)> = sqlx::query_as(
+            "SELECT j.ticket_id, j.phase, j.position, j.left_before_draw,
+                    COALESCE(d.drawn_at IS NOT NULL, false)
+             FROM joins j LEFT JOIN draws d ON d.event_id = j.event_id
+             WHERE j.ticket_id = ANY($1) AND j.event_id = $2",
+        )
+        .bind(&missing)
+        .bind(event.get())
+        .fetch_all(pg)
+        .await?;
+        for (ticket, phase, position, left_before_draw, drawn) in rows {
+            let place = match (phase.as_str(), position) {
+                ("live", Some(p)) => Ok(Position::new(p)),
+                ("presale", _) if left_before_draw || !drawn => Ok(None),
+                // An entrant of the draw that Redis does not hold: the mirror is being rebuilt.
+                ("presale", _) => Err(catching_up()),
+                _ => Err(ApiError::internal("a live join without its place")),
+            };
+            known.insert(ticket, place);
+        }
+    }
+    Ok(tickets
+        .iter()
+        .zip(scores)
+        .map(|(t, score)| match score {
+            Some(s) => Ok(Position::new(s as i64)),
+            None => known.remove(&t.0).unwrap_or(Ok(None)),
+        })
+        .collect())
 }

@@ -38,6 +38,8 @@ use crate::AppState;
 /// them must fit in memory (the 128 KiB default would cost ~138 KB per idle socket).
 const WS_BUFFER: usize = 4 * 1024;
 const WS_MAX_MESSAGE: usize = 4 * 1024;
+/// How soon a waiter's lookup or pass is asked again after Redis or Postgres failed it.
+const RETRY: Duration = Duration::from_secs(1);
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -69,7 +71,8 @@ struct WsQuery {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Status {
-        /// "waiting_for_draw", "queued" or "admitted".
+        /// "waiting_for_draw", "queued", or "catching_up" (the room lost its fast store for a
+        /// moment: the place is kept and numbers resume by themselves).
         phase: String,
         position: Option<i64>,
         ahead: Option<i64>,
@@ -109,10 +112,12 @@ async fn upgrade(
     let guard = state
         .hub
         .open_socket(
+            event_id,
             ticket.tkt,
             state.config.max_sockets_per_ticket,
             state.config.max_websockets,
         )
+        .await
         .map_err(|refused| match refused {
             SocketRefused::TicketFull => ApiError::RateLimited {
                 retry_after_secs: 5,
@@ -173,14 +178,23 @@ async fn wait(
     // The last status sent, and whether a newer one waits for the waiter's update interval.
     let mut sent: Option<(tokio::time::Instant, QueueState)> = None;
     let mut deferred = false;
+    // After a failed lookup or pass issue (Redis or Postgres out of reach): when to try again.
+    let mut retry: Option<tokio::time::Instant> = None;
     loop {
         if dirty {
             dirty = false;
-            let snapshot = queue.state.borrow_and_update().clone();
+            let mut snapshot = queue.state.borrow_and_update().clone();
             queue.notices.mark_unchanged();
-            if position.is_none() && snapshot.drawn {
+            if position.is_none() && snapshot.drawn && !snapshot.catching_up {
                 // Once per socket, when the draw has placed the fan (or at connect).
-                position = state.positions.of(event.event_id(), ticket.tkt).await?;
+                match state.positions.of(event.event_id(), ticket.tkt).await {
+                    Ok(found) => position = found,
+                    Err(e) if e.status().is_server_error() => {
+                        snapshot.catching_up = true;
+                        retry = Some(tokio::time::Instant::now() + RETRY);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             let admitted = position.is_some_and(|p| p.get() <= snapshot.head);
             if snapshot.sold_out && !admitted {
@@ -193,6 +207,7 @@ async fn wait(
                     Ok(issued) => {
                         sink.send(text(&ServerMessage::Pass(issued))?).await?;
                         sink.send(close(1000, "admitted")).await?;
+                        return Ok(());
                     }
                     Err(refused) if refused.status().is_client_error() => {
                         sink.send(text(&ServerMessage::Refused {
@@ -201,10 +216,16 @@ async fn wait(
                         })?)
                         .await?;
                         sink.send(close(1000, "admission lapsed")).await?;
+                        return Ok(());
                     }
-                    Err(e) => return Err(e.into()),
+                    // Postgres out of reach for a moment: the pass is not lost, the fan keeps
+                    // the socket and it is asked again.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "pass issue failed; retrying");
+                        snapshot.catching_up = true;
+                        retry = Some(tokio::time::Instant::now() + RETRY);
+                    }
                 }
-                return Ok(());
             }
             let now = tokio::time::Instant::now();
             let due = match &sent {
@@ -235,6 +256,10 @@ async fn wait(
             None => (None, true),
         };
         tokio::select! {
+            _ = sleep_until(retry), if retry.is_some() => {
+                retry = None;
+                dirty = true;
+            }
             _ = sleep_until(next_update), if next_update.is_some() => {
                 dirty = true;
                 force = !follow;
@@ -293,7 +318,11 @@ pub fn status(event: &SaleEvent, queue: &QueueState, position: Option<Position>)
     let rate = queue.rate_per_minute.max(1);
     let (phase, ahead, eta) = match position {
         _ if !queue.drawn => ("waiting_for_draw", None, None),
+        None if queue.catching_up => ("catching_up", None, None),
         None => ("queued", None, None),
+        Some(p) if queue.catching_up => {
+            ("catching_up", Some((p.get() - queue.head - 1).max(0)), None)
+        }
         Some(p) => {
             let ahead = (p.get() - queue.head - 1).max(0);
             let eta = (!queue.paused).then_some((ahead + 1) * 60 / rate);

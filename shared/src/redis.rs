@@ -32,9 +32,13 @@ impl Redis {
         })
     }
 
-    /// A pool that has not connected (for unit tests of code that only holds a handle).
+    /// A pool that has not connected (for unit tests of code that only holds a handle): its
+    /// commands fail after 50 ms, as they would with Redis out of reach.
     pub fn lazy_for_tests() -> Self {
         let pool = Builder::default_centralized()
+            .with_performance_config(|p| {
+                p.default_command_timeout = Duration::from_millis(50);
+            })
             .build_pool(1)
             .expect("a default pool builds without connecting");
         Redis {
@@ -159,39 +163,24 @@ impl EventKeys {
         format!("{}:{suffix}", self.base)
     }
 
-    /// Sorted set: ticket id → position.
+    /// Sorted set: ticket id → position (a mirror of the places Postgres gave).
     pub fn queue(&self) -> String {
         self.key("queue")
     }
-    /// A scratch queue built by one draw attempt before it is renamed into place.
-    pub fn queue_build(&self, attempt: &str) -> String {
-        self.key(&format!("queue:build:{attempt}"))
-    }
-    /// Highest position handed out.
+    /// Highest position given (mirror of `draws.tail`; only ever raised).
     pub fn tail(&self) -> String {
         self.key("tail")
     }
-    /// Highest position admitted.
+    /// Highest position admitted (mirror of `admission_state.head`; only ever raised).
     pub fn head(&self) -> String {
         self.key("head")
     }
-    /// Active shoppers' slots, scored by when they lapse (ms since the epoch): `p:<position>`
-    /// for an admitted fan who has not claimed a pass (lapses after the claim window),
-    /// `t:<ticket>` once the pass is out (lapses when it expires). Removed when the shopper
-    /// buys. Its size is the number of active shoppers.
-    pub fn slots(&self) -> String {
-        self.key("slots")
+    /// Active shoppers as the last admission tick counted them in Postgres (for display).
+    pub fn active(&self) -> String {
+        self.key("active")
     }
-    /// Set when the last seat is sold, before that buyer's slot is freed, so no admission can
-    /// slip in between (Postgres' `events.sold_out_at` is the durable record).
-    pub fn sold_out(&self) -> String {
-        self.key("sold-out")
-    }
-    /// Positions whose fans left the line after the draw: admission skips them.
-    pub fn left(&self) -> String {
-        self.key("left")
-    }
-    /// Set once the draw's queue is in Redis.
+    /// Set once the mirror of the line is whole (see `buffer::mirror`); readers that miss a
+    /// ticket without it answer "catching up".
     pub fn drawn(&self) -> String {
         self.key("drawn")
     }
@@ -199,9 +188,10 @@ impl EventKeys {
     pub fn leader(&self) -> String {
         self.key("leader")
     }
-    /// Id of the last admission tick applied, so a replayed script admits nobody twice.
-    pub fn last_tick(&self) -> String {
-        self.key("last-tick")
+    /// Sorted set of one ticket's open waiting-room sockets on every instance, scored by when
+    /// each lapses unless renewed (ms since the epoch).
+    pub fn sockets(&self, ticket: &str) -> String {
+        self.key(&format!("sockets:{ticket}"))
     }
 }
 
@@ -213,7 +203,7 @@ mod tests {
     fn keys_share_one_hash_tag_per_event() {
         let k = EventKeys::new("fg", EventId::new(42).expect("positive"));
         assert_eq!(k.queue(), "fg:{evt:42}:queue");
-        assert_eq!(k.queue_build("x"), "fg:{evt:42}:queue:build:x");
+        assert_eq!(k.sockets("t"), "fg:{evt:42}:sockets:t");
         assert_eq!(k.head(), "fg:{evt:42}:head");
     }
 }

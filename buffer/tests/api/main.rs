@@ -13,6 +13,8 @@ use shared::testing::TestEnv;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+mod mirror;
+
 const IDENTITY_SECRET: &str = "organizer-site-shared-secret-0123456789";
 const ORGANIZER: &str = "organizer-token-for-tests";
 
