@@ -19,6 +19,11 @@ export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 fg_say "running the test suite"
 cargo test --workspace --all-targets "$@"
 
+# A short chaos run: a crowd sale while Redis, a buffer, the admission leader and Postgres fail
+# under it (its own Postgres and Redis; see scripts/chaos.sh), then every invariant checked.
+fg_say "chaos smoke run"
+scripts/chaos.sh --smoke --debug
+
 # The pages in a real browser (installs Debian's chromium and playwright-core if missing).
 if [ "${FAIRGATE_SKIP_BROWSER_TESTS:-0}" = 1 ]; then
   fg_say "skipping the browser tests (FAIRGATE_SKIP_BROWSER_TESTS=1)"

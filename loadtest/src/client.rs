@@ -3,6 +3,8 @@
 //! end-to-end tests both speak through this, so they exercise exactly what a browser would.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -14,12 +16,56 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-/// Where the three services are.
+/// Where the three services are. Each may list several instances, comma-separated: the client
+/// spreads its calls over them and, when one is out of reach, moves on to the next (as a load
+/// balancer would).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Endpoints {
     pub buffer: String,
     pub queue: String,
     pub purchase: String,
+}
+
+/// One of the three services.
+#[derive(Clone, Copy, Debug)]
+enum Service {
+    Buffer,
+    Queue,
+    Purchase,
+}
+
+impl Endpoints {
+    fn list(&self, service: Service) -> &str {
+        match service {
+            Service::Buffer => &self.buffer,
+            Service::Queue => &self.queue,
+            Service::Purchase => &self.purchase,
+        }
+    }
+
+    /// The `n`-th instance of `service` (round the list).
+    fn pick(&self, service: Service, n: usize) -> &str {
+        let all: Vec<&str> = self
+            .list(service)
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        all.get(n % all.len().max(1)).copied().unwrap_or_default()
+    }
+}
+
+/// What the client does about a refusal that says "try again" (503, 429) and about a service
+/// out of reach: nothing (tests that expect precise errors), or retry for a while as a real
+/// fan's page does.
+#[derive(Clone, Debug, Default)]
+struct Patience {
+    /// How long one call keeps retrying; zero: never.
+    window: Duration,
+    /// Retries made, over every clone of the client.
+    retries: Arc<AtomicU64>,
+    /// Which instance of each service comes next.
+    turn: Arc<AtomicUsize>,
 }
 
 /// A refused HTTP call: status and the service's error code.
@@ -94,6 +140,44 @@ pub struct Wait {
     pub last_status: Option<Value>,
     pub statuses: usize,
     pub first_position: Option<i64>,
+    /// A later status named another position than the first (a place moved).
+    pub position_changed: bool,
+    /// A later status showed a lower serving head than an earlier one.
+    pub head_went_back: bool,
+    /// Statuses saying the room was catching up after an interruption.
+    pub catching_up: usize,
+    /// Times the socket had to be opened again.
+    pub reconnects: usize,
+}
+
+impl Wait {
+    fn heard(&mut self, status: Value) {
+        let position = status["position"].as_i64();
+        match (self.first_position, position) {
+            (None, Some(_)) => self.first_position = position,
+            (Some(first), Some(now)) if first != now => self.position_changed = true,
+            _ => {}
+        }
+        let head = |s: &Value| s["serving_head"].as_i64().unwrap_or(0);
+        let highest = [&self.first_status, &self.last_status]
+            .into_iter()
+            .flatten()
+            .map(head)
+            .max()
+            .unwrap_or(0);
+        if head(&status) < highest {
+            self.head_went_back = true;
+        }
+        if status["phase"] == "catching_up" {
+            self.catching_up += 1;
+        }
+        self.statuses += 1;
+        if self.first_status.is_none() {
+            self.first_status = Some(status);
+        } else {
+            self.last_status = Some(status);
+        }
+    }
 }
 
 /// The sale a crowd or a test sets up.
@@ -180,6 +264,7 @@ pub struct Client {
     /// The loopback address this client's connections come from (past the ~28,000 ports one
     /// source address has towards one service).
     pub source: Option<Ipv4Addr>,
+    patience: Patience,
 }
 
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -245,11 +330,75 @@ impl Client {
                 .build()?,
             endpoints,
             source,
+            patience: Patience::default(),
         })
     }
 
+    /// This client, retrying for up to `window` what a fan's page would retry: refusals that
+    /// say "try again" (503 and 429, after their `Retry-After`), services out of reach (on the
+    /// next instance), and waiting-room sockets that drop (reopened). Only calls that are safe
+    /// to repeat are retried after their request may have arrived.
+    pub fn patient(mut self, window: Duration) -> Self {
+        self.patience.window = window;
+        self
+    }
+
+    /// A clone counting its own retries (one fan's).
+    pub fn counting_apart(&self) -> Client {
+        let mut apart = self.clone();
+        apart.patience.retries = Arc::new(AtomicU64::new(0));
+        apart
+    }
+
+    /// Retries this client (and its clones) have made.
+    pub fn retries(&self) -> u64 {
+        self.patience.retries.load(Ordering::Relaxed)
+    }
+
+    fn next(&self) -> usize {
+        self.patience.turn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends the request `build` makes for an instance of `service`, retrying as
+    /// [`Client::patient`] says. `repeatable`: sending it twice does no harm (the same identity,
+    /// ticket or idempotency key), so a failure after it was sent may be retried too.
+    async fn send(
+        &self,
+        service: Service,
+        repeatable: bool,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
+        let deadline = tokio::time::Instant::now() + self.patience.window;
+        let mut turn = self.next();
+        loop {
+            let base = self.endpoints.pick(service, turn);
+            let outcome = build(base).send().await;
+            let patient = tokio::time::Instant::now() < deadline;
+            let pause = match &outcome {
+                Ok(r) if patient && matches!(r.status().as_u16(), 429 | 503) => r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map_or(Duration::from_millis(250), |s| {
+                        Duration::from_secs(s).min(Duration::from_secs(2))
+                    }),
+                Err(e) if patient && (e.is_connect() || (repeatable && !e.is_builder())) => {
+                    turn += 1;
+                    Duration::from_millis(100)
+                }
+                _ => return Ok(outcome?),
+            };
+            self.patience.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     async fn waiting_room(&self, event: i64, ticket: &str) -> anyhow::Result<Socket> {
-        let ws_base = self.endpoints.queue.replacen("http", "ws", 1);
+        let ws_base = self
+            .endpoints
+            .pick(Service::Queue, self.next())
+            .replacen("http", "ws", 1);
         open_ws(
             &format!("{ws_base}/api/v1/events/{event}/ws?ticket={ticket}"),
             self.source,
@@ -292,15 +441,13 @@ impl Client {
         });
         merge(&mut body, extra);
         let created: Value = decode(
-            self.http
-                .post(format!(
-                    "{}/api/v1/organizer/events",
-                    self.endpoints.purchase
-                ))
-                .bearer_auth(organizer_token)
-                .json(&body)
-                .send()
-                .await?,
+            self.send(Service::Purchase, false, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/organizer/events"))
+                    .bearer_auth(organizer_token)
+                    .json(&body)
+            })
+            .await?,
         )
         .await?;
         created["id"]
@@ -313,15 +460,26 @@ impl Client {
             Some(t) => json!({ "ticket": t }),
             None => json!({}),
         };
+        // With the ticket it is the same place again; an anonymous join sent twice would
+        // take two.
+        self.join_with(event, body, ticket.is_some()).await
+    }
+
+    /// Joins under an identity assertion signed by the organizer's site: one place per
+    /// identity, so a retry gets the same place back.
+    pub async fn join_as(&self, event: i64, assertion: &str) -> anyhow::Result<Joined> {
+        self.join_with(event, json!({ "identity": assertion }), true)
+            .await
+    }
+
+    async fn join_with(&self, event: i64, body: Value, repeatable: bool) -> anyhow::Result<Joined> {
         decode(
-            self.http
-                .post(format!(
-                    "{}/api/v1/events/{event}/join",
-                    self.endpoints.buffer
-                ))
-                .json(&body)
-                .send()
-                .await?,
+            self.send(Service::Buffer, repeatable, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/events/{event}/join"))
+                    .json(&body)
+            })
+            .await?,
         )
         .await
     }
@@ -329,14 +487,25 @@ impl Client {
     /// Gives up the ticket's place in the line.
     pub async fn leave(&self, event: i64, ticket: &str) -> anyhow::Result<Value> {
         decode(
-            self.http
-                .post(format!(
-                    "{}/api/v1/events/{event}/leave",
-                    self.endpoints.queue
-                ))
-                .json(&json!({ "ticket": ticket }))
-                .send()
-                .await?,
+            self.send(Service::Queue, true, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/events/{event}/leave"))
+                    .json(&json!({ "ticket": ticket }))
+            })
+            .await?,
+        )
+        .await
+    }
+
+    /// Claims the pass of an admitted ticket over HTTP (a fan back after their turn came).
+    pub async fn claim_pass(&self, event: i64, ticket: &str) -> anyhow::Result<IssuedPass> {
+        decode(
+            self.send(Service::Queue, true, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/events/{event}/pass"))
+                    .json(&json!({ "ticket": ticket }))
+            })
+            .await?,
         )
         .await
     }
@@ -361,13 +530,11 @@ impl Client {
     /// One page of the published draw, from position `offset + 1`.
     pub async fn draw_page(&self, event: i64, offset: u64) -> anyhow::Result<Value> {
         decode(
-            self.http
-                .get(format!(
-                    "{}/api/v1/events/{event}/draw?offset={offset}",
-                    self.endpoints.buffer
-                ))
-                .send()
-                .await?,
+            self.send(Service::Buffer, true, |base| {
+                self.http
+                    .get(format!("{base}/api/v1/events/{event}/draw?offset={offset}"))
+            })
+            .await?,
         )
         .await
     }
@@ -380,13 +547,51 @@ impl Client {
         ticket: &str,
         limit: Duration,
     ) -> anyhow::Result<(IssuedPass, Wait)> {
-        let mut socket = self.waiting_room(event, ticket).await?;
         let mut wait = Wait::default();
         let deadline = tokio::time::Instant::now() + limit;
+        let patient_until = tokio::time::Instant::now() + self.patience.window;
+        loop {
+            let dropped = match self
+                .wait_on_socket(event, ticket, deadline, &mut wait)
+                .await
+            {
+                Ok(pass) => return Ok((pass, wait)),
+                Err(e) => e,
+            };
+            // A page reopens a socket that dropped (a server restarting, a network blip) and
+            // keeps its place; anything the room said on purpose ends the wait.
+            let final_answer = dropped.downcast_ref::<SoldOut>().is_some()
+                || refused(&dropped).is_some_and(|r| r.status != 503 && r.status != 429);
+            let now = tokio::time::Instant::now();
+            if final_answer || now >= deadline || self.patience.window.is_zero() {
+                return Err(dropped);
+            }
+            if now >= patient_until && wait.statuses == 0 {
+                return Err(dropped);
+            }
+            wait.reconnects += 1;
+            self.patience.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// One waiting-room socket, until the pass, a final answer, `deadline`, or the socket
+    /// dropping (an error).
+    async fn wait_on_socket(
+        &self,
+        event: i64,
+        ticket: &str,
+        deadline: tokio::time::Instant,
+        wait: &mut Wait,
+    ) -> anyhow::Result<IssuedPass> {
+        let mut socket = match self.waiting_room(event, ticket).await {
+            Ok(socket) => socket,
+            Err(e) => return Err(upgrade_refusal(e)),
+        };
         loop {
             let message = tokio::time::timeout_at(deadline, socket.next())
                 .await
-                .map_err(|_| anyhow!("no pass within {limit:?}"))?;
+                .map_err(|_| anyhow!("no pass in time"))?;
             let message = match message {
                 Some(m) => m?,
                 None => bail!("the waiting room closed the socket before the pass"),
@@ -398,20 +603,18 @@ impl Client {
                         Some("pass") => {
                             let pass: IssuedPass = serde_json::from_value(value)?;
                             let _ = socket.close(None).await;
-                            return Ok((pass, wait));
+                            return Ok(pass);
                         }
-                        Some("status") => {
-                            if wait.first_position.is_none() {
-                                wait.first_position = value["position"].as_i64();
-                            }
-                            wait.statuses += 1;
-                            if wait.first_status.is_none() {
-                                wait.first_status = Some(value);
-                            } else {
-                                wait.last_status = Some(value);
-                            }
-                        }
+                        Some("status") => wait.heard(value),
                         Some("sold_out") => return Err(SoldOut.into()),
+                        Some("refused") => {
+                            return Err(Refused {
+                                status: 410,
+                                code: value["error"].as_str().unwrap_or("?").to_owned(),
+                                message: value["message"].as_str().unwrap_or_default().to_owned(),
+                            }
+                            .into())
+                        }
                         _ => bail!("unexpected waiting-room message {value}"),
                     }
                 }
@@ -424,14 +627,12 @@ impl Client {
 
     pub async fn seats(&self, event: i64, pass: &str) -> anyhow::Result<Vec<Seat>> {
         decode(
-            self.http
-                .get(format!(
-                    "{}/api/v1/events/{event}/seats",
-                    self.endpoints.purchase
-                ))
-                .bearer_auth(pass)
-                .send()
-                .await?,
+            self.send(Service::Purchase, true, |base| {
+                self.http
+                    .get(format!("{base}/api/v1/events/{event}/seats"))
+                    .bearer_auth(pass)
+            })
+            .await?,
         )
         .await
     }
@@ -442,16 +643,15 @@ impl Client {
     }
 
     async fn post_hold(&self, event: i64, pass: &str, body: Value) -> anyhow::Result<Hold> {
+        // A pass's new hold replaces its earlier one: sending it twice holds the seats once.
         decode(
-            self.http
-                .post(format!(
-                    "{}/api/v1/events/{event}/holds",
-                    self.endpoints.purchase
-                ))
-                .bearer_auth(pass)
-                .json(&body)
-                .send()
-                .await?,
+            self.send(Service::Purchase, true, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/events/{event}/holds"))
+                    .bearer_auth(pass)
+                    .json(&body)
+            })
+            .await?,
         )
         .await
     }
@@ -498,17 +698,16 @@ impl Client {
         idempotency_key: &str,
         card: &str,
     ) -> anyhow::Result<Order> {
+        // The same Idempotency-Key: a retry is charged and sold once.
         decode(
-            self.http
-                .post(format!(
-                    "{}/api/v1/events/{event}/checkout",
-                    self.endpoints.purchase
-                ))
-                .bearer_auth(pass)
-                .header("Idempotency-Key", idempotency_key)
-                .json(&json!({ "hold_id": hold, "payment_token": card }))
-                .send()
-                .await?,
+            self.send(Service::Purchase, true, |base| {
+                self.http
+                    .post(format!("{base}/api/v1/events/{event}/checkout"))
+                    .bearer_auth(pass)
+                    .header("Idempotency-Key", idempotency_key)
+                    .json(&json!({ "hold_id": hold, "payment_token": card }))
+            })
+            .await?,
         )
         .await
     }
@@ -524,6 +723,30 @@ fn merge(base: &mut Value, extra: Value) {
         }
         (base, extra) => *base = extra,
     }
+}
+
+/// A refused websocket upgrade as the service's refusal (status and error code), so callers
+/// tell "try again" (503, 429) from a final no.
+fn upgrade_refusal(e: anyhow::Error) -> anyhow::Error {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let status = match e.downcast_ref::<WsError>() {
+        Some(WsError::Http(response)) => response.status().as_u16(),
+        _ => return e,
+    };
+    let body = e
+        .downcast_ref::<WsError>()
+        .and_then(|w| match w {
+            WsError::Http(response) => response.body().as_ref(),
+            _ => None,
+        })
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        .unwrap_or(Value::Null);
+    Refused {
+        status,
+        code: body["error"].as_str().unwrap_or("?").to_owned(),
+        message: body["message"].as_str().unwrap_or_default().to_owned(),
+    }
+    .into()
 }
 
 /// The waiting room said every seat is sold: the fan's wait ends without a pass.

@@ -60,6 +60,14 @@ pub struct CrowdConfig {
     /// Give up on a fan still waiting after this long.
     pub fan_timeout: Duration,
     pub progress: bool,
+    /// The organizer site's identity secret (the buffer's `FAIRGATE_IDENTITY_SECRET`): when
+    /// set, each fan joins under an identity of its own, so a retried join gets its place back.
+    #[serde(default)]
+    pub identity_secret: Option<String>,
+    /// How long a fan's page retries what says "try again" (503, 429), a service out of reach
+    /// and a dropped waiting-room socket, as a real page does (zero: never).
+    #[serde(default)]
+    pub patience: Duration,
 }
 
 /// Latency percentiles of one step, in milliseconds.
@@ -78,6 +86,15 @@ pub struct Report {
     pub fans: usize,
     pub seats: i64,
     pub joined: usize,
+    /// Retries the fans' pages made (503/429 after `Retry-After`, another instance, a socket
+    /// reopened): absorbed, not errors, but counted.
+    pub transient_retries: u64,
+    /// Fans told by the waiting room, after a first place, another place (must be zero).
+    pub places_changed: usize,
+    /// Fans who saw the serving head move backwards (must be zero).
+    pub heads_went_back: usize,
+    /// Waiting-room statuses saying the room was catching up after an interruption.
+    pub catching_up_statuses: usize,
     pub admitted: usize,
     pub bought: usize,
     pub seats_sold: i64,
@@ -138,6 +155,16 @@ pub struct FanResult {
     /// A misbehaving fan got something it must not have (a second place, a forged pass taken).
     got_through: bool,
     joined_at: Option<DateTime<Utc>>,
+    /// The fan's ticket, and the place they were told (at the join, or by the waiting room).
+    pub ticket_id: Option<Uuid>,
+    pub told_position: Option<i64>,
+    pub place_changed: bool,
+    pub head_went_back: bool,
+    catching_up: usize,
+    /// The fan's claim or wait was refused as lapsed although they were waiting for it.
+    pub lapsed_while_waiting: bool,
+    /// Retries the fan's page made.
+    retries: u64,
     position: Option<i64>,
     presale: bool,
     join_ms: Option<f64>,
@@ -157,7 +184,7 @@ pub struct FanResult {
 }
 
 pub async fn run(config: CrowdConfig) -> anyhow::Result<Report> {
-    let client = Client::new(config.endpoints.clone())?;
+    let client = Client::new(config.endpoints.clone())?.patient(config.patience);
     let event = create(&client, &config).await?;
     let start = epoch_ms();
     let progress = Arc::new(Progress::default());
@@ -254,7 +281,7 @@ pub async fn run_fans(
     let arrival_window = Duration::from_millis(config.presale_secs * 800);
     let mut tasks = tokio::task::JoinSet::new();
     for i in fans {
-        let client = client.clone();
+        let client = client.counting_apart();
         let config = config.clone();
         let shared = shared.clone();
         let late = i % 100 < (config.late_share * 100.0) as usize;
@@ -290,6 +317,7 @@ pub async fn run_fans(
             && !abandons
             && b < config.no_claim_share + config.abandon_share + config.retry_share;
         let kind = Kind {
+            index: i,
             declines,
             leaves,
             misbehaves,
@@ -302,6 +330,7 @@ pub async fn run_fans(
             tokio::time::sleep(delay).await;
             let mut result = FanResult::default();
             let outcome = fan(&client, &config, event, kind, started, &shared, &mut result).await;
+            result.retries = client.retries();
             shared.progress.finish(&result, outcome.is_err());
             if let Err(e) = outcome {
                 result.error = Some(format!("{e:#}"));
@@ -402,9 +431,26 @@ enum Choice {
     Standing,
 }
 
+/// An identity assertion for `sub` as the organizer's site signs it (HS256, audience
+/// `fairgate:join`, ten minutes).
+fn identity_assertion(sub: &str, secret: &str) -> anyhow::Result<String> {
+    let claims = serde_json::json!({
+        "sub": sub,
+        "aud": "fairgate:join",
+        "exp": Utc::now().timestamp() + 600,
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
 /// How a simulated fan behaves.
 #[derive(Clone, Copy, Debug)]
 struct Kind {
+    /// The fan's number in the whole crowd (its identity, when fans have identities).
+    index: usize,
     declines: bool,
     leaves: bool,
     misbehaves: bool,
@@ -426,12 +472,22 @@ async fn fan(
     let declines = kind.declines;
     let t = Instant::now();
     result.join_sent = Some(started.elapsed());
-    let joined = client.join(event, None).await?;
+    let joined = match &config.identity_secret {
+        Some(secret) => {
+            let who = format!("crowd-{event}-{}", kind.index);
+            client
+                .join_as(event, &identity_assertion(&who, secret)?)
+                .await?
+        }
+        None => client.join(event, None).await?,
+    };
     result.join_answered = Some(started.elapsed());
     result.join_ms = Some(ms(t));
     result.joined_at = Some(joined.joined_at);
     result.presale = joined.status == "buffered";
     result.position = joined.position;
+    result.ticket_id = Some(joined.ticket_id);
+    result.told_position = joined.position;
     if kind.leaves {
         result.left = true;
         client.leave(event, &joined.ticket).await?;
@@ -466,8 +522,16 @@ async fn fan(
             result.sold_out = true;
             return Ok(());
         }
-        Err(e) => return Err(e),
+        Err(e) => {
+            result.lapsed_while_waiting = refused(&e).is_some_and(|r| r.code == "admission_lapsed");
+            return Err(e);
+        }
     };
+    result.told_position = result.told_position.or(wait.first_position);
+    result.place_changed = wait.position_changed
+        || matches!((joined.position, wait.first_position), (Some(a), Some(b)) if a != b);
+    result.head_went_back = wait.head_went_back;
+    result.catching_up = wait.catching_up;
     result.wait_ms = Some(ms(t));
     result.admitted_after = Some(started.elapsed());
     shared.progress.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -807,6 +871,14 @@ pub async fn report(
         "retried_checkouts_gave_one_order".into(),
         !results.iter().any(|r| r.retry_split),
     );
+    let places_changed = results.iter().filter(|r| r.place_changed).count();
+    let heads_went_back = results.iter().filter(|r| r.head_went_back).count();
+    invariants.insert("every_fan_kept_the_place_told".into(), places_changed == 0);
+    invariants.insert("no_fan_saw_the_head_move_back".into(), heads_went_back == 0);
+    invariants.insert(
+        "no_waiting_fan_refused_as_lapsed".into(),
+        !results.iter().any(|r| r.lapsed_while_waiting),
+    );
     let ok = invariants.values().all(|v| *v);
     let errors: Vec<&String> = results.iter().filter_map(|r| r.error.as_ref()).collect();
     Ok(Report {
@@ -814,6 +886,10 @@ pub async fn report(
         fans: config.fans,
         seats,
         joined: results.iter().filter(|r| r.join_ms.is_some()).count(),
+        transient_retries: results.iter().map(|r| r.retries).sum(),
+        places_changed,
+        heads_went_back,
+        catching_up_statuses: results.iter().map(|r| r.catching_up).sum(),
         admitted: admitted.len(),
         bought: results.iter().filter(|r| r.bought_seats > 0).count(),
         seats_sold,

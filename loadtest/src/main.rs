@@ -112,6 +112,15 @@ struct Args {
     /// (Internal) run as a worker process from this spec file.
     #[arg(long, hide = true)]
     worker: Option<PathBuf>,
+    /// The organizer site's identity secret (the buffer's FAIRGATE_IDENTITY_SECRET): each fan
+    /// then joins under an identity of its own, so a retried join keeps its place.
+    #[arg(long, env = "FAIRGATE_IDENTITY_SECRET", hide_env_values = true)]
+    identity_secret: Option<String>,
+    /// Seconds a fan's page keeps retrying what says "try again" (503 and 429 after their
+    /// Retry-After), a service out of reach (on the next instance of a comma-separated
+    /// list) and a dropped waiting-room socket; 0: never (every such answer is an error).
+    #[arg(long, default_value_t = 30)]
+    patience_secs: u64,
     /// Postgres URL, to check the invariants after the sale (skipped if unset).
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
@@ -176,6 +185,8 @@ async fn main() -> anyhow::Result<()> {
         pass_ttl_secs: args.pass_ttl_secs.clamp(60, 86_400),
         fan_timeout: Duration::from_secs(args.fan_timeout_secs),
         progress: !args.quiet,
+        identity_secret: args.identity_secret,
+        patience: Duration::from_secs(args.patience_secs),
     };
     let endpoints = config.endpoints.clone();
     let report = if workers > 1 {
@@ -247,7 +258,7 @@ mod workers {
     }
 
     pub async fn run(config: CrowdConfig, workers: usize) -> anyhow::Result<crowd::Report> {
-        let client = Client::new(config.endpoints.clone())?;
+        let client = Client::new(config.endpoints.clone())?.patient(config.patience);
         let event = crowd::create(&client, &config).await?;
         let start_ms = crowd::epoch_ms();
         let dir =
@@ -330,7 +341,8 @@ mod workers {
     /// A worker: runs its share of the fans, publishing progress, then writes their outcomes.
     pub async fn work(spec_path: &Path) -> anyhow::Result<()> {
         let spec: Spec = serde_json::from_slice(&std::fs::read(spec_path)?)?;
-        let client = Client::from_source(spec.config.endpoints.clone(), spec.source)?;
+        let client = Client::from_source(spec.config.endpoints.clone(), spec.source)?
+            .patient(spec.config.patience);
         let progress = Arc::new(Progress::default());
         let reporter = {
             let (progress, path) = (progress.clone(), with_ext(spec_path, "progress"));
@@ -363,6 +375,10 @@ fn print_summary(r: &crowd::Report) {
         r.fans, r.joined, r.admitted, r.bought, r.declined, r.sold_out, r.errors
     );
     println!("seats {}  sold {}", r.seats, r.seats_sold);
+    println!(
+        "retries absorbed by the fans' pages {}  catching-up statuses {}",
+        r.transient_retries, r.catching_up_statuses
+    );
     println!(
         "joined after the draw {}  left the line {}  misbehaving {}",
         r.live_arrivals, r.left, r.misbehaving

@@ -57,8 +57,11 @@ fg_pg_bindir() {
   command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)"
 }
 
-fg_start_private_pg() {
-  local bindir dir="$FG_DATA/pg" run=()
+# Starts a Postgres of the project's own with its data in $1 on 127.0.0.1:$2 (initialising it
+# first), stopped again when the calling script exits. Sets FG_PG_RESTART: a command restarting
+# it in immediate mode (a crash and recovery, as the chaos run injects).
+fg_start_pg_at() {
+  local dir="$1" port="$2" bindir run=()
   bindir="$(fg_pg_bindir)"
   [ -n "$bindir" ] || fg_missing_packages "Postgres"
   mkdir -p "$dir"
@@ -72,11 +75,16 @@ fg_start_private_pg() {
     "${run[@]}" "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 \
       || fg_die "initdb failed: see $dir/initdb.log"
   fi
-  fg_say "starting a private Postgres on 127.0.0.1:$FG_PRIVATE_PG_PORT"
+  fg_say "starting a private Postgres on 127.0.0.1:$port"
   "${run[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
-    -o "-p $FG_PRIVATE_PG_PORT -c listen_addresses=127.0.0.1 -k $dir -c max_connections=300" start >/dev/null \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $dir -c max_connections=300" start >/dev/null \
     || fg_die "Postgres did not start: see $dir/postgres.log"
   FG_CLEANUP+=("${run[*]} $bindir/pg_ctl -D $dir/data -m fast -w stop")
+  FG_PG_RESTART="${run[*]} $bindir/pg_ctl -D $dir/data -l $dir/postgres.log -m immediate -w -t 60 restart"
+}
+
+fg_start_private_pg() {
+  fg_start_pg_at "$FG_DATA/pg" "$FG_PRIVATE_PG_PORT"
   DATABASE_URL="postgres://postgres@127.0.0.1:$FG_PRIVATE_PG_PORT/fairgate"
 }
 
