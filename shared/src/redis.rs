@@ -188,6 +188,18 @@ impl EventKeys {
     pub fn leader(&self) -> String {
         self.key("leader")
     }
+    /// Every key of the event but the per-ticket socket sets: what a flush or a failover to an
+    /// empty replica loses at once.
+    pub fn every(&self) -> Vec<String> {
+        vec![
+            self.queue(),
+            self.tail(),
+            self.head(),
+            self.active(),
+            self.drawn(),
+            self.leader(),
+        ]
+    }
     /// Sorted set of one ticket's open waiting-room sockets on every instance, scored by when
     /// each lapses unless renewed (ms since the epoch).
     pub fn sockets(&self, ticket: &str) -> String {

@@ -2,6 +2,7 @@
 //! test, so tests run in parallel beside each other and beside other data.
 
 use fred::prelude::*;
+use futures::StreamExt;
 use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
@@ -90,28 +91,30 @@ impl TestEnv {
         if let Ok(config) = Config::from_url(&self.redis_url) {
             if let Ok(client) = Builder::from_config(config).build() {
                 if client.init().await.is_ok() {
-                    let mut cursor = "0".to_string();
-                    loop {
-                        let (next, keys): (String, Vec<String>) = match client
-                            .scan_page(
-                                cursor.clone(),
-                                format!("{}:*", self.redis_prefix),
-                                Some(500),
-                                None,
-                            )
+                    // On a Redis Cluster the keys live on every master: scan them all.
+                    let pattern = format!("{}:*", self.redis_prefix);
+                    let keys: Vec<Key> = if client.client_config().server.is_clustered() {
+                        client
+                            .scan_cluster_buffered(pattern, Some(500), None)
+                            .filter_map(|k| async move { k.ok() })
+                            .collect()
                             .await
-                        {
-                            Ok(page) => page,
-                            Err(_) => break,
-                        };
-                        if !keys.is_empty() {
-                            let _: Result<i64, _> = client.del(keys).await;
-                        }
-                        if next == "0" {
-                            break;
-                        }
-                        cursor = next;
-                    }
+                    } else {
+                        client
+                            .scan_buffered(pattern, Some(500), None)
+                            .filter_map(|k| async move { k.ok() })
+                            .collect()
+                            .await
+                    };
+                    // One key per command: keys of different events sit in different slots.
+                    futures::stream::iter(keys)
+                        .for_each_concurrent(32, |key| {
+                            let client = client.clone();
+                            async move {
+                                let _: Result<i64, _> = client.del(key).await;
+                            }
+                        })
+                        .await;
                     let _ = client.quit().await;
                 }
             }

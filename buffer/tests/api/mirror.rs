@@ -91,10 +91,11 @@ async fn redis_losing_the_queue_again_and_again_loses_or_shares_no_place() {
     // every rebuild and the live joins; a watcher reads the mirror atomically all along.
     let client = redis(&env).await;
     let prefix = format!("{}:{{evt:{event}}}", env.redis_prefix);
-    let keys: Vec<String> = ["queue", "tail", "head", "drawn", "active", "leader"]
-        .iter()
-        .map(|k| format!("{prefix}:{k}"))
-        .collect();
+    let keys = shared::redis::EventKeys::new(
+        &env.redis_prefix,
+        shared::ids::EventId::new(event).expect("id"),
+    )
+    .every();
     let chaos = CancellationToken::new();
     let losses = Arc::new(AtomicU64::new(0));
     let forgetter = {

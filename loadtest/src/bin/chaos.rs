@@ -82,7 +82,7 @@ struct Args {
     #[arg(long)]
     pg_restart_command: Option<String>,
     /// Port of the run's own Redis.
-    #[arg(long, default_value_t = 56390)]
+    #[arg(long, default_value_t = 16390)]
     redis_port: u16,
     /// First of the five ports the services listen on.
     #[arg(long, default_value_t = 18180)]
@@ -614,15 +614,7 @@ impl Injector {
     /// them together), every `pause` ms (a range) until `until`.
     async fn delete_keys(&self, until: Instant, pause: (u64, u64), seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let keys = &self.keys;
-        let all = vec![
-            keys.queue(),
-            keys.tail(),
-            keys.head(),
-            keys.drawn(),
-            keys.active(),
-            keys.leader(),
-        ];
+        let all = self.keys.every();
         while Instant::now() < until && !self.stop.is_cancelled() {
             let _: Result<i64, _> = self.redis.del(all.clone()).await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(pause.0..=pause.1))).await;
