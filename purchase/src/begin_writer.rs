@@ -31,8 +31,8 @@ pub struct NewStart {
     pub ticket: Uuid,
 }
 
-/// What `fg_checkout_begin` (migration 0013) answers; `fg_checkout_begins` (0020) answers
-/// `claimed` the same way.
+/// What `fg_checkout_begin` (migrations 0013, 0040) answers; `fg_checkout_begins` (0020, 0040)
+/// answers `claimed` the same way.
 #[derive(Debug, Default, sqlx::FromRow)]
 pub struct BeginOutcome {
     pub code: String,
@@ -41,6 +41,9 @@ pub struct BeginOutcome {
     pub seat_ids: Option<Vec<i64>>,
     pub total_cents: Option<i64>,
     pub detail: Option<String>,
+    /// The attempt claimed (`claimed`): the fencing token of this checkout's lease on its
+    /// payment (migration 0040).
+    pub attempt: Option<i32>,
 }
 
 pub type Outcome = Result<BeginOutcome, sqlx::Error>;
@@ -95,13 +98,14 @@ struct BatchRow {
     code: String,
     seat_ids: Option<Vec<i64>>,
     total_cents: Option<i64>,
+    attempt: Option<i32>,
 }
 
 /// A round in one statement (`fg_checkout_begins`, migration 0020); outcomes in order. The
 /// provider is the same for every checkout of an instance.
 async fn begin_batch(pg: &PgPool, starts: &[&NewStart]) -> Result<Vec<BeginOutcome>, sqlx::Error> {
     let rows: Vec<BatchRow> = sqlx::query_as(
-        "SELECT req, code, seat_ids, total_cents
+        "SELECT req, code, seat_ids, total_cents, attempt
          FROM fg_checkout_begins($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY req",
     )
     .bind(starts.iter().map(|c| c.event).collect::<Vec<_>>())
@@ -133,6 +137,7 @@ async fn begin_batch(pg: &PgPool, starts: &[&NewStart]) -> Result<Vec<BeginOutco
             code: row.code,
             seat_ids: row.seat_ids,
             total_cents: row.total_cents,
+            attempt: row.attempt,
             ..Default::default()
         })
         .collect())
