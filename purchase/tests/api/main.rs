@@ -133,6 +133,16 @@ async fn in_process_with(
     provider: &provider::Scripted,
     tune: impl FnOnce(&mut purchase::Config),
 ) -> (shared::server::RunningApp, purchase::AppState) {
+    in_process_on(env.common_config(), signer, provider, tune).await
+}
+
+/// [`in_process_with`] on the given database and Redis settings.
+async fn in_process_on(
+    common: shared::config::CommonConfig,
+    signer: &Signer,
+    provider: &provider::Scripted,
+    tune: impl FnOnce(&mut purchase::Config),
+) -> (shared::server::RunningApp, purchase::AppState) {
     use clap::Parser;
     let mut config = purchase::Config::parse_from(["purchase"]);
     config.bind = "127.0.0.1:0".parse().expect("addr");
@@ -143,7 +153,7 @@ async fn in_process_with(
     config.reconcile_ms = 3_600_000;
     config.hold_sweep_ms = 3_600_000;
     config.reconcile_grace_secs = 60;
-    config.common = env.common_config();
+    config.common = common;
     tune(&mut config);
     purchase::start_with(
         config,

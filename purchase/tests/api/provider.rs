@@ -32,6 +32,8 @@ pub enum Gate {
     Outage,
     Timeout,
     ChargeThenHang,
+    /// Never answers, charging nothing (the process died before the provider was reached).
+    Hang,
 }
 
 /// One charge as the provider's books hold it.
@@ -55,6 +57,8 @@ struct Books {
     lookups_waiting: VecDeque<(String, oneshot::Sender<()>)>,
     refunds: usize,
     next_reference: u64,
+    /// Keys of the charges that will never answer (their process is taken as dead).
+    hung: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -88,6 +92,11 @@ impl Scripted {
 
     pub fn refunds(&self) -> usize {
         self.books().refunds
+    }
+
+    /// Keys of the charges that never answer.
+    pub fn hung(&self) -> Vec<String> {
+        self.books().hung.clone()
     }
 
     /// Keys of the charges waiting at the gate, oldest first.
@@ -231,8 +240,11 @@ impl PaymentProvider for Scripted {
                 self.book(key, amount_cents, token);
                 Err(down("provider timed out"))
             }
-            Gate::ChargeThenHang => {
-                self.book(key, amount_cents, token);
+            Gate::ChargeThenHang | Gate::Hang => {
+                if how == Gate::ChargeThenHang {
+                    self.book(key, amount_cents, token);
+                }
+                self.books().hung.push(key.to_owned());
                 self.changed.notify_waiters();
                 std::future::pending().await
             }
