@@ -547,6 +547,17 @@ async fn a_refusal_before_the_body_is_read_does_not_break_the_next_request() {
             .expect("the next request is not lost");
         assert_eq!(next.status(), 200);
     }
+    // The same on the wire, as any keep-alive client sees it: the connection may be closed
+    // after a refusal only if the refusal said so.
+    let large = json!({ "seat_ids": vec![1; 150_000] }).to_string();
+    for body in [&body, &large] {
+        let (said_close, kept) = refuse_then_reuse(&app.addr, event, body).await;
+        assert!(
+            said_close || kept,
+            "the server closed a connection it did not say it would close"
+        );
+        assert!(said_close, "a refusal leaving the body unread says Connection: close");
+    }
     // A request whose body was read keeps its connection.
     let read = http
         .post(format!("{url}/api/v1/events/{event}/holds"))
@@ -738,4 +749,53 @@ async fn a_key_gets_the_same_bytes_live_reconciled_and_after_a_restart() {
     app.stop().await.expect("stop");
     pg.close().await;
     env.cleanup().await;
+}
+
+/// Sends a hold with a body but no pass on a raw connection, reads the refusal, then sends
+/// another request on the same connection. Returns whether the refusal said
+/// `Connection: close`, and whether the connection answered the second request.
+async fn refuse_then_reuse(addr: &std::net::SocketAddr, event: i64, body: &str) -> (bool, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "POST /api/v1/events/{event}/holds HTTP/1.1\r\nHost: test\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (mut socket, mut writer) = socket.into_split();
+    // Written beside the reading: a server that answers first may stop reading.
+    let sending = tokio::spawn(async move {
+        let _ = writer.write_all(request.as_bytes()).await;
+        writer
+    });
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        let n = socket.read(&mut buf).await.expect("read the refusal");
+        assert!(n > 0, "the refusal arrives");
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    while seen.len() < head_end + length {
+        let n = socket.read(&mut buf).await.expect("read the body");
+        assert!(n > 0, "the refusal's body arrives");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let said_close = head.lines().any(|l| l.trim() == "connection: close");
+    let mut writer = sending.await.expect("writer");
+    let next = format!("GET /api/v1/events/{event} HTTP/1.1\r\nHost: test\r\n\r\n");
+    if writer.write_all(next.as_bytes()).await.is_err() {
+        return (said_close, false);
+    }
+    let kept = matches!(socket.read(&mut buf).await, Ok(n) if n > 0);
+    (said_close, kept)
 }
