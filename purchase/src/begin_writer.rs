@@ -2,10 +2,14 @@
 //! hold as being paid for, recording the pending payment) is handed to a few writer tasks: a
 //! writer takes every start waiting (up to `Batched::MAX_BATCH`, 64) and runs the common case — a fresh
 //! key for the pass's own active hold — for all of them with one call of `fg_checkout_begins`
-//! (migration 0020). A start is answered only after the transaction that made it has committed.
+//! (migrations 0020, 0040). A start is answered only after the transaction that made it has
+//! committed. Each claim is an attempt with a lease on the key's payment (`attempt`, its fencing
+//! token, returned with the claim): a first attempt in the batch, a key claimed again (its
+//! earlier request given back after a failure) alone, where its lease is renewed.
 //!
 //! A pass named twice is split into rounds (the later start sees the earlier one). Every start
-//! the batch call does not claim (`defer`: a key already used, a hold that is not the pass's or
+//! the batch call does not claim (`defer`: a key already used or with a payment already, a hold
+//! that is not the pass's or
 //! not active, a pass that has bought, a key another transaction claims), a round of one, and
 //! the starts of a call that fails run through `fg_checkout_begin` one at a time, which gives
 //! each its precise answer. A deferred start left nothing behind in the batch call, and a failed

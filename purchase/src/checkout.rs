@@ -464,8 +464,13 @@ pub(crate) async fn settle(
         Err(refused) if refused.status().is_client_error() => {
             // The seats or the pass were lost between charge and commit: give the money back,
             // unless this very charge is the one an order holds.
-            let (done, refund) =
-                decide(&state.pg, &decision, Some(&reference), Final::error(&refused)).await?;
+            let (done, refund) = decide(
+                &state.pg,
+                &decision,
+                Some(&reference),
+                Final::error(&refused),
+            )
+            .await?;
             if refund {
                 finish_payment_refund(state, payment_key, &reference).await;
             }

@@ -237,6 +237,51 @@ mod tests {
         keys
     }
 
+    /// Serves a JWKS that the test can change; returns its URL.
+    async fn jwks_server(published: Arc<std::sync::Mutex<shared::token::Jwks>>) -> String {
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let jwks = published.lock().expect("jwks").clone();
+                async move { axum::Json(jwks) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/jwks")
+    }
+
+    #[tokio::test]
+    async fn a_refresh_replaces_the_key_set_and_forgets_passes_of_keys_that_left() {
+        let old = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+        let new = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+        let published = Arc::new(std::sync::Mutex::new(old.jwks()));
+        let keys =
+            PassKeys::new(jwks_server(published.clone()).await, "fairgate".into()).expect("keys");
+        assert_eq!(keys.refresh().await.expect("refresh"), 1);
+        let leaked = sign(&old, 7, 600);
+        keys.verify(&leaked, event(7)).await.expect("trusted");
+        assert_eq!(keys.verified.lock().expect("lock").len(), 1, "remembered");
+
+        *published.lock().expect("jwks") = new.jwks();
+        assert_eq!(keys.refresh().await.expect("refresh"), 1);
+        assert!(
+            keys.verified.lock().expect("lock").is_empty(),
+            "the passes of the key that left are forgotten"
+        );
+        assert_eq!(
+            keys.verify(&leaked, event(7)).await,
+            Err(TokenError::UnknownKey),
+            "a key no longer published is no longer trusted"
+        );
+        keys.verify(&sign(&new, 7, 600), event(7))
+            .await
+            .expect("the new key is");
+    }
+
     #[tokio::test]
     async fn a_remembered_pass_still_gets_its_event_and_expiry_checked() {
         let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");

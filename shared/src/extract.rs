@@ -50,8 +50,7 @@ pub fn has_json_content_type(headers: &axum::http::HeaderMap) -> bool {
         return false;
     };
     kind.eq_ignore_ascii_case("application")
-        && (subtype.eq_ignore_ascii_case("json")
-            || subtype.to_ascii_lowercase().ends_with("+json"))
+        && (subtype.eq_ignore_ascii_case("json") || subtype.to_ascii_lowercase().ends_with("+json"))
 }
 
 /// A websocket upgrade request; one without `Upgrade: websocket`, with a bad
@@ -256,7 +255,10 @@ mod tests {
     fn nul_escapes_are_found_in_strings_only() {
         assert!(json_has_nul(br#"{"name": "a\u0000b"}"#));
         assert!(json_has_nul(br#"["\u0000"]"#));
-        assert!(!json_has_nul(br#"{"name": "a\\u0000b"}"#), "a backslash, then text");
+        assert!(
+            !json_has_nul(br#"{"name": "a\\u0000b"}"#),
+            "a backslash, then text"
+        );
         assert!(json_has_nul(br#"{"name": "a\\\u0000b"}"#));
         assert!(!json_has_nul(br#"{"name": "\u0001 \n"}"#));
         assert!(!json_has_nul(br#"{"name": "ends with \"#));
@@ -315,9 +317,7 @@ mod contract_tests {
     async fn optional_json_needs_a_json_content_type_even_when_empty() {
         let app = axum::Router::new().route(
             "/join",
-            post(|OptionalJson(v): OptionalJson<serde_json::Value>| async move {
-                axum::Json(v)
-            }),
+            post(|OptionalJson(v): OptionalJson<serde_json::Value>| async move { axum::Json(v) }),
         );
         for (content_type, body) in [
             (None, ""),
@@ -340,7 +340,10 @@ mod contract_tests {
             post_with(Some("application/json"), r#"{"name": "a\u0000b"}"#),
         )
         .await;
-        assert_eq!((status, answer["error"].as_str()), (422, Some("invalid_body")));
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (422, Some("invalid_body"))
+        );
     }
 
     #[tokio::test]
@@ -366,7 +369,10 @@ mod contract_tests {
             post_with(Some("application/json"), r#"["\u0000"]"#),
         )
         .await;
-        assert_eq!((status, answer["error"].as_str()), (422, Some("invalid_body")));
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (422, Some("invalid_body"))
+        );
         let (status, answer) = ask(app, post_with(Some("text/plain"), "[]")).await;
         assert_eq!(
             (status, answer["error"].as_str()),
@@ -376,19 +382,22 @@ mod contract_tests {
 
     #[tokio::test]
     async fn a_bad_websocket_upgrade_and_an_oversized_raw_body_answer_json() {
-        let app = axum::Router::new()
-            .route(
-                "/ws",
-                get(|Upgrade(upgrade): Upgrade| async move {
-                    upgrade.on_upgrade(|_socket| async {})
-                }),
-            )
-            .route(
-                "/hook",
-                post(|RawBody(body): RawBody| async move { axum::Json(body.len()) }),
-            )
-            .layer(axum::extract::DefaultBodyLimit::max(16));
-        let plain = HttpRequest::get("/ws").body(Body::empty()).expect("request");
+        let app =
+            axum::Router::new()
+                .route(
+                    "/ws",
+                    get(|Upgrade(upgrade): Upgrade| async move {
+                        upgrade.on_upgrade(|_socket| async {})
+                    }),
+                )
+                .route(
+                    "/hook",
+                    post(|RawBody(body): RawBody| async move { axum::Json(body.len()) }),
+                )
+                .layer(axum::extract::DefaultBodyLimit::max(16));
+        let plain = HttpRequest::get("/ws")
+            .body(Body::empty())
+            .expect("request");
         let (status, answer) = ask(app.clone(), plain).await;
         assert_eq!(
             (status, answer["error"].as_str()),
@@ -410,6 +419,9 @@ mod contract_tests {
             .body(Body::from("x".repeat(64)))
             .expect("request");
         let (status, answer) = ask(app, big).await;
-        assert_eq!((status, answer["error"].as_str()), (413, Some("body_too_large")));
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (413, Some("body_too_large"))
+        );
     }
 }

@@ -3,9 +3,9 @@
 //! `retain_recent`, which services call periodically.
 
 use std::hash::Hash;
-use std::time::Duration;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -50,7 +50,11 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 /// exactly that many seconds is let through, and at least one.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let whole = wait.as_secs();
-    let up = if wait.subsec_nanos() > 0 { whole + 1 } else { whole };
+    let up = if wait.subsec_nanos() > 0 {
+        whole + 1
+    } else {
+        whole
+    };
     up.max(1)
 }
 

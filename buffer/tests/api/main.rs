@@ -127,7 +127,12 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         let http = http.clone();
         async move {
             tokio::time::sleep(Duration::from_millis(12 * i as u64)).await;
-            let response = http.post(url).header("content-type", "application/json").send().await.expect("request");
+            let response = http
+                .post(url)
+                .header("content-type", "application/json")
+                .send()
+                .await
+                .expect("request");
             assert!(
                 response.status().is_success(),
                 "join refused: {}",
@@ -430,7 +435,12 @@ async fn anonymous_identities_are_their_tickets_and_an_events_joins_go_with_it()
     let url = format!("{}/api/v1/events/{event}/join", app.url());
     let mut tickets = Vec::new();
     for _ in 0..3 {
-        let answer = http.post(&url).header("content-type", "application/json").send().await.expect("request");
+        let answer = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .expect("request");
         assert_eq!(answer.status(), 201);
         let body: Value = answer.json().await.expect("json");
         tickets.push(Uuid::parse_str(body["ticket_id"].as_str().expect("id")).expect("uuid"));
@@ -473,7 +483,12 @@ async fn anonymous_identities_are_their_tickets_and_an_events_joins_go_with_it()
         .await
         .expect("delete the event");
     assert_eq!(join_count(&pg, event).await, 0);
-    let answer = http.post(&url).header("content-type", "application/json").send().await.expect("request");
+    let answer = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("request");
     assert_eq!(answer.status(), 404);
     assert_eq!(join_count(&pg, event).await, 0);
 

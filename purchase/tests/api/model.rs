@@ -17,8 +17,9 @@
 //! * a refund returns its order's seats, once.
 //!
 //! At the end, every live request is answered, leases lapse and reconciliation runs until
-//! every payment is settled; then no live charge is without its paid order, and replaying each
-//! key gives the same bytes as every final answer it gave before.
+//! every payment is settled; then no live charge is without its paid order, no hold is left
+//! being paid for (which would bar its pass from holding again), and replaying each key gives
+//! the same bytes as every final answer it gave before.
 //!
 //! `FAIRGATE_MODEL_CASES` sets the number of random sequences (default 12, for the normal
 //! suite); README gives the command for thousands. Shrunk counterexamples are kept as the
@@ -66,9 +67,14 @@ impl Card {
 #[derive(Clone, Debug)]
 pub enum Step {
     /// A hold of these seats (1 to 3 of them: 3 is over the pass's limit).
-    Hold { fan: usize, seats: Vec<usize> },
+    Hold {
+        fan: usize,
+        seats: Vec<usize>,
+    },
     /// Releases the fan's last hold.
-    Release { fan: usize },
+    Release {
+        fan: usize,
+    },
     /// Pays for the fan's last hold under one of its keys; the provider does `charge`.
     Checkout {
         fan: usize,
@@ -86,10 +92,14 @@ pub enum Step {
     /// out (they end as an outage) and every attempt's lease lapses.
     Lapse,
     /// Support refunds the fan's order.
-    Refund { fan: usize },
+    Refund {
+        fan: usize,
+    },
     /// The process dies and starts again; charges waiting at the provider never answer
     /// (charged or not).
-    Restart { charged: bool },
+    Restart {
+        charged: bool,
+    },
 }
 
 fn charge_strategy() -> impl Strategy<Value = Charge> {
@@ -98,7 +108,7 @@ fn charge_strategy() -> impl Strategy<Value = Charge> {
         2 => Just(Charge::Outage),
         1 => Just(Charge::Timeout),
         3 => Just(Charge::Slow),
-        1 => Just(Charge::ChargeThenHang),
+        1 => Just(Charge::DiesAfterCharging),
     ]
 }
 
@@ -107,7 +117,7 @@ fn gate_strategy() -> impl Strategy<Value = Gate> {
         4 => Just(Gate::Answer),
         1 => Just(Gate::Outage),
         1 => Just(Gate::Timeout),
-        1 => Just(Gate::ChargeThenHang),
+        1 => Just(Gate::DiesAfterCharging),
     ]
 }
 
@@ -160,6 +170,9 @@ struct Fan {
     hold: Option<String>,
 }
 
+/// A key's final answer, and the request (hold, card) it answered.
+type Finals = (Answer, (String, Card));
+
 /// A checkout request sent and not answered yet.
 struct Flight {
     fan: usize,
@@ -189,7 +202,7 @@ pub struct Sale {
     fans: Vec<Fan>,
     flights: Vec<Flight>,
     /// Final answers each (fan, key) got, with the request that got them.
-    finals: BTreeMap<(usize, usize), Vec<(Answer, (String, Card))>>,
+    finals: BTreeMap<(usize, usize), Vec<Finals>>,
     /// Orders refunded by the test.
     refunded: HashMap<Uuid, Vec<i64>>,
 }
@@ -316,7 +329,10 @@ impl Sale {
                 );
             }
             409 | 422 => {
-                let code = answer.json()["error"].as_str().unwrap_or_default().to_owned();
+                let code = answer.json()["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 assert!(
                     [
                         "seat_unavailable",
@@ -432,7 +448,11 @@ impl Sale {
     }
 
     async fn restart(&mut self, charged: bool) {
-        let how = if charged { Gate::ChargeThenHang } else { Gate::Hang };
+        let how = if charged {
+            Gate::DiesAfterCharging
+        } else {
+            Gate::Hang
+        };
         while self.provider.release_oldest(how) {}
         self.land().await;
         if let Some(app) = self.app.take() {
@@ -488,7 +508,10 @@ impl Sale {
         .await
         .expect("seats");
         assert_eq!(twice, 0, "a seat on two valid tickets");
-        assert_eq!(sold_mismatch, 0, "sold seats are exactly those on a valid ticket");
+        assert_eq!(
+            sold_mismatch, 0,
+            "sold seats are exactly those on a valid ticket"
+        );
 
         let charges = self.provider.charges();
         let orders: Vec<(Uuid, Uuid, String, i64, String)> = sqlx::query_as(
@@ -617,6 +640,17 @@ impl Sale {
         .await
         .expect("payments");
         assert_eq!(open, 0, "every payment settled");
+        let paying: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM holds WHERE event_id = $1 AND status = 'paying'",
+        )
+        .bind(self.event)
+        .fetch_one(&self.pg)
+        .await
+        .expect("holds");
+        assert_eq!(
+            paying, 0,
+            "no hold stays being paid for once its payment is settled"
+        );
         let paid: Vec<String> = sqlx::query_scalar(
             "SELECT payment_ref FROM orders WHERE event_id = $1 AND status = 'paid'",
         )
@@ -663,7 +697,9 @@ impl StateMachineTest for Sale {
     type Reference = Lifecycle;
 
     fn init_test(_: &()) -> Harness {
-        let common = COMMON.with(|c| c.borrow().clone()).expect("the test's database");
+        let common = COMMON
+            .with(|c| c.borrow().clone())
+            .expect("the test's database");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -764,10 +800,13 @@ fn the_purchase_lifecycle_keeps_its_invariants_under_random_interleavings() {
             ..Config::default()
         };
         let mut runner = TestRunner::new(config.clone());
-        let result = runner.run(&Lifecycle::sequential_strategy(1..30), |(state, steps, seen)| {
-            Sale::test_sequential(config.clone(), state, steps, seen);
-            Ok(())
-        });
+        let result = runner.run(
+            &Lifecycle::sequential_strategy(1..30),
+            |(state, steps, seen)| {
+                Sale::test_sequential(config.clone(), state, steps, seen);
+                Ok(())
+            },
+        );
         if let Err(e) = result {
             panic!("{e}");
         }
@@ -849,7 +888,7 @@ fn model_regression_a_crash_after_the_charge_is_sold_once() {
             fan: 1,
             key: 1,
             card: Card::Good,
-            charge: Charge::ChargeThenHang,
+            charge: Charge::DiesAfterCharging,
         },
         Step::Restart { charged: true },
         Step::Checkout {
@@ -921,7 +960,7 @@ fn model_regression_two_reconciliation_runs_after_a_restart() {
             fan: 0,
             key: 1,
             card: Card::Good,
-            charge: Charge::ChargeThenHang,
+            charge: Charge::DiesAfterCharging,
         },
         Answer(Gate::Answer),
         Reconcile,
@@ -930,7 +969,7 @@ fn model_regression_two_reconciliation_runs_after_a_restart() {
             seats: vec![2, 3, 4],
         },
         Answer(Gate::Answer),
-        Answer(Gate::ChargeThenHang),
+        Answer(Gate::DiesAfterCharging),
         Restart { charged: false },
     ]);
 }

@@ -199,7 +199,12 @@ async fn a_retry_at_the_provider_is_never_reconciled_nor_refunded_under_its_orde
     let duplicate = pay(&http, &url, event, &fan, "K", &hold_id, "tok_visa").await;
     provider.release(&payment_key, Gate::Answer);
     let retry = retry.await.expect("retry");
-    assert_eq!(retry.status, 201, "{:?}", String::from_utf8_lossy(&retry.body));
+    assert_eq!(
+        retry.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&retry.body)
+    );
     assert!(
         duplicate == retry
             || (duplicate.status == 409 && duplicate.json()["error"] == "checkout_in_progress"),
@@ -258,7 +263,12 @@ async fn reconciliation_acts_only_while_its_lease_is_current() {
     reconciling.await.expect("task").expect("reconcile");
     provider.release(&payment_key, Gate::Answer);
     let retry = retry.await.expect("retry");
-    assert_eq!(retry.status, 201, "{:?}", String::from_utf8_lossy(&retry.body));
+    assert_eq!(
+        retry.status,
+        201,
+        "{:?}",
+        String::from_utf8_lossy(&retry.body)
+    );
 
     let (request, hold_status, payment): (String, String, String) = sqlx::query_as(
         "SELECT (SELECT state FROM checkout_requests WHERE jti = $1 AND idempotency_key = 'K'),
@@ -277,7 +287,11 @@ async fn reconciliation_acts_only_while_its_lease_is_current() {
     let again = pay(&http, &url, event, &fan, "K", &hold_id, "tok_visa").await;
     assert_eq!(again, retry, "the stored answer, byte for byte");
     assert_eq!(orders_are_paid(&pg, &provider).await, 1);
-    assert_eq!(provider.refunds(), 0, "the order's charge was never refunded");
+    assert_eq!(
+        provider.refunds(),
+        0,
+        "the order's charge was never refunded"
+    );
 
     app.stop().await.expect("stop");
     pg.close().await;
@@ -314,7 +328,12 @@ async fn a_pass_never_holds_more_than_its_limit_through_holds_being_paid_for() {
     for round in 0..3 {
         let first = &seats[4 * round..4 * round + 2];
         let held = hold(&http, &url, event, &fan, first).await;
-        assert_eq!(held.status, 201, "{:?}", String::from_utf8_lossy(&held.body));
+        assert_eq!(
+            held.status,
+            201,
+            "{:?}",
+            String::from_utf8_lossy(&held.body)
+        );
         let hold_id = held.json()["hold_id"].as_str().expect("id").to_owned();
         let key = format!("declined-{round}");
         provider.plan(&format!("{jti}:{key}"), Charge::Slow);
@@ -340,7 +359,14 @@ async fn a_pass_never_holds_more_than_its_limit_through_holds_being_paid_for() {
             })
         };
         provider.until_waiting(&format!("{jti}:{key}")).await;
-        let more = hold(&http, &url, event, &fan, &seats[4 * round + 2..4 * round + 4]).await;
+        let more = hold(
+            &http,
+            &url,
+            event,
+            &fan,
+            &seats[4 * round + 2..4 * round + 4],
+        )
+        .await;
         assert_eq!(
             (more.status, more.json()["error"].as_str()),
             (409, Some("checkout_in_progress")),
@@ -424,13 +450,12 @@ async fn holds_of_one_pass_at_the_same_moment_never_add_up() {
         let (holds, held_seats) = held_by(&pg, *jti).await;
         assert_eq!((holds, held_seats), (1, 2), "one hold of two places");
     }
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM seats WHERE event_id = $1 AND status = 'held'",
-    )
-    .bind(event)
-    .fetch_one(&pg)
-    .await
-    .expect("held");
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM seats WHERE event_id = $1 AND status = 'held'")
+            .bind(event)
+            .fetch_one(&pg)
+            .await
+            .expect("held");
     assert_eq!(held, 80, "the replaced holds' places are back on sale");
     app.stop().await.expect("stop");
     pg.close().await;
@@ -483,7 +508,11 @@ async fn a_signing_key_removed_from_the_jwks_stops_being_trusted() {
             .await
         }
     };
-    assert_eq!(seats(leaked.clone()).await.status, 200, "trusted, and remembered");
+    assert_eq!(
+        seats(leaked.clone()).await.status,
+        200,
+        "trusted, and remembered"
+    );
 
     // The old key is revoked: the queue publishes the new one only.
     *published.lock().expect("jwks") = new.jwks();
@@ -497,7 +526,12 @@ async fn a_signing_key_removed_from_the_jwks_stops_being_trusted() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let refused = refused.expect("the revoked key's pass is refused after a refresh");
-    assert_eq!(refused.status, 401, "{:?}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(
+        refused.status,
+        401,
+        "{:?}",
+        String::from_utf8_lossy(&refused.body)
+    );
     assert_eq!(seats(pass_of(&new, event).0).await.status, 200);
     app.stop().await.expect("stop");
     env.cleanup().await;
@@ -556,7 +590,10 @@ async fn a_refusal_before_the_body_is_read_does_not_break_the_next_request() {
             said_close || kept,
             "the server closed a connection it did not say it would close"
         );
-        assert!(said_close, "a refusal leaving the body unread says Connection: close");
+        assert!(
+            said_close,
+            "a refusal leaving the body unread says Connection: close"
+        );
     }
     // A request whose body was read keeps its connection.
     let read = http
@@ -707,7 +744,7 @@ async fn a_key_gets_the_same_bytes_live_reconciled_and_after_a_restart() {
     .await;
     assert_eq!(declined.status, 402);
     // The third dies between the charge and the order.
-    provider.plan(&format!("{}:K", fans[2].1), Charge::ChargeThenHang);
+    provider.plan(&format!("{}:K", fans[2].1), Charge::DiesAfterCharging);
     let dying = pay_later(&http, &url, event, &fans[2].0, "K", &fans[2].2);
     for _ in 0..1000 {
         if provider.charges().contains_key(&format!("{}:K", fans[2].1)) {
@@ -724,7 +761,10 @@ async fn a_key_gets_the_same_bytes_live_reconciled_and_after_a_restart() {
     let url = app.url();
     for (fan, answer) in [(&fans[0], &bought), (&fans[1], &declined)] {
         let replay = pay(&http, &url, event, &fan.0, "K", &fan.2, fan.3).await;
-        assert_eq!(&replay, answer, "the live answer, byte for byte, after a restart");
+        assert_eq!(
+            &replay, answer,
+            "the live answer, byte for byte, after a restart"
+        );
     }
     age_payments(&pg, 120).await;
     purchase::reconcile::reconcile_once(&state)

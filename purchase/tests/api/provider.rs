@@ -22,7 +22,7 @@ pub enum Charge {
     /// Waits at the gate until the test says what happens ([`Gate`]).
     Slow,
     /// Charges, then never answers (the process dies between the charge and the order).
-    ChargeThenHang,
+    DiesAfterCharging,
 }
 
 /// How a charge waiting at the gate ends.
@@ -31,7 +31,7 @@ pub enum Gate {
     Answer,
     Outage,
     Timeout,
-    ChargeThenHang,
+    DiesAfterCharging,
     /// Never answers, charging nothing (the process died before the provider was reached).
     Hang,
 }
@@ -101,7 +101,11 @@ impl Scripted {
 
     /// Keys of the charges waiting at the gate, oldest first.
     pub fn waiting(&self) -> Vec<String> {
-        self.books().waiting.iter().map(|(k, _)| k.clone()).collect()
+        self.books()
+            .waiting
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Waits until a charge of `key` waits at the gate (or `done` says its request ended).
@@ -224,7 +228,7 @@ impl PaymentProvider for Scripted {
             Charge::Answer => Gate::Answer,
             Charge::Outage => Gate::Outage,
             Charge::Timeout => Gate::Timeout,
-            Charge::ChargeThenHang => Gate::ChargeThenHang,
+            Charge::DiesAfterCharging => Gate::DiesAfterCharging,
             Charge::Slow => {
                 let (wake, woken) = oneshot::channel();
                 self.books().waiting.push_back((key.to_owned(), wake));
@@ -240,8 +244,8 @@ impl PaymentProvider for Scripted {
                 self.book(key, amount_cents, token);
                 Err(down("provider timed out"))
             }
-            Gate::ChargeThenHang | Gate::Hang => {
-                if how == Gate::ChargeThenHang {
+            Gate::DiesAfterCharging | Gate::Hang => {
+                if how == Gate::DiesAfterCharging {
                     self.book(key, amount_cents, token);
                 }
                 self.books().hung.push(key.to_owned());
