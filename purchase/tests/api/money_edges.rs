@@ -839,3 +839,142 @@ async fn refuse_then_reuse(addr: &std::net::SocketAddr, event: i64, body: &str) 
     let kept = matches!(socket.read(&mut buf).await, Ok(n) if n > 0);
     (said_close, kept)
 }
+
+/// Many fans at once, two faults overlapping: every fan's checkout fails in an outage; later,
+/// all retry the same key while the provider is slow, each with a duplicate of the request and
+/// a checkout under another key beside it, while reconciliation runs three times at once; then
+/// the provider answers every charge (some succeed, some time out, some fail). Whatever the
+/// interleaving: at most one order per pass, each paid by one live charge for its total, no
+/// charge left live without its order once everything is settled, and every key's final
+/// answers the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crowd_retrying_through_an_outage_with_duplicates_and_reconciliation() {
+    const FANS: usize = 20;
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    let provider = Scripted::new();
+    let (app, state) = in_process_with(&env, &signer, &provider, |_| {}).await;
+    let (url, http) = (app.url(), Client::new());
+    let event = create_event_with(&http, &url, 2, FANS as i32).await;
+    let seats = crate::seat_ids(&pg, event).await;
+    let mut fans = Vec::new();
+    for i in 0..FANS {
+        let (pass, jti) = pass_of(&signer, event);
+        let held = hold(&http, &url, event, &pass, &seats[2 * i..2 * i + 2]).await;
+        assert_eq!(held.status, 201);
+        let hold_id = held.json()["hold_id"].as_str().expect("id").to_owned();
+        provider.plan(&format!("{jti}:K"), Charge::Outage);
+        fans.push((pass, jti, hold_id));
+    }
+    let failed = futures::future::join_all(
+        fans.iter()
+            .map(|(pass, _, hold_id)| pay(&http, &url, event, pass, "K", hold_id, "tok_visa")),
+    )
+    .await;
+    assert!(failed.iter().all(|a| a.status == 503));
+    age_payments(&pg, 120).await;
+
+    for (_, jti, _) in &fans {
+        provider.plan(&format!("{jti}:K"), Charge::Slow);
+        provider.plan(&format!("{jti}:K2"), Charge::Slow);
+    }
+    let mut requests = Vec::new();
+    for (pass, _, hold_id) in &fans {
+        for key in ["K", "K", "K2"] {
+            requests.push((key, pay_later(&http, &url, event, pass, key, hold_id)));
+        }
+    }
+    let reconciling: Vec<_> = (0..3)
+        .map(|_| {
+            let state = state.clone();
+            tokio::spawn(async move { purchase::reconcile::reconcile_once(&state).await })
+        })
+        .collect();
+    for run in reconciling {
+        run.await.expect("task").expect("reconciliation");
+    }
+    // Answer every charge that reaches the provider, in a mix of ways, until all requests end.
+    let (mut answered, mut idle) = (0usize, 0u32);
+    while requests.iter().any(|(_, r)| !r.is_finished()) {
+        idle += 1;
+        assert!(idle < 60_000, "a request neither answered nor reached the provider");
+        let how = match answered % 5 {
+            0 | 1 | 2 => Gate::Answer,
+            3 => Gate::Timeout,
+            _ => Gate::Outage,
+        };
+        if provider.release_oldest(how) {
+            answered += 1;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    let mut finals: std::collections::HashMap<(usize, &str), Vec<Answer>> = Default::default();
+    for (i, (key, request)) in requests.into_iter().enumerate() {
+        let answer = request.await.expect("request");
+        assert!(
+            [201, 402, 409, 503].contains(&answer.status),
+            "{} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let refunded = answer.status == 409
+            && answer.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refunded"));
+        if answer.status == 201 || refunded {
+            finals.entry((i / 3, key)).or_default().push(answer);
+        }
+    }
+    for answers in finals.values() {
+        assert!(
+            answers.windows(2).all(|w| w[0] == w[1]),
+            "a key's final answers are the same bytes"
+        );
+    }
+    // Everything settles: leases lapse, reconciliation runs.
+    for (_, jti, _) in &fans {
+        provider.plan(&format!("{jti}:K"), Charge::Answer);
+        provider.plan(&format!("{jti}:K2"), Charge::Answer);
+    }
+    for _ in 0..3 {
+        age_payments(&pg, 120).await;
+        purchase::reconcile::reconcile_once(&state)
+            .await
+            .expect("reconciliation");
+    }
+    let unsettled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments WHERE settled_at IS NULL")
+            .fetch_one(&pg)
+            .await
+            .expect("payments");
+    assert_eq!(unsettled, 0, "every payment settled");
+    let orders = orders_are_paid(&pg, &provider).await;
+    let per_pass: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT jti FROM orders GROUP BY jti HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pg)
+    .await
+    .expect("orders");
+    assert_eq!(per_pass, 0, "a pass buys once");
+    let paid: Vec<String> = sqlx::query_scalar("SELECT payment_ref FROM orders")
+        .fetch_all(&pg)
+        .await
+        .expect("orders");
+    for (key, charge) in provider.charges() {
+        if charge.succeeded && !charge.refunded {
+            assert!(paid.contains(&charge.reference), "{key}: live, no order");
+        }
+    }
+    assert!(orders > 0, "some fans bought");
+    // And each key that answered finally answers the same again.
+    for ((fan, key), answers) in &finals {
+        let (pass, _, hold_id) = &fans[*fan];
+        let again = pay(&http, &url, event, pass, key, hold_id, "tok_visa").await;
+        assert_eq!(&again, &answers[0], "the stored answer, byte for byte");
+    }
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
