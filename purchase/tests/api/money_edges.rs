@@ -898,9 +898,12 @@ async fn a_crowd_retrying_through_an_outage_with_duplicates_and_reconciliation()
     let (mut answered, mut idle) = (0usize, 0u32);
     while requests.iter().any(|(_, r)| !r.is_finished()) {
         idle += 1;
-        assert!(idle < 60_000, "a request neither answered nor reached the provider");
+        assert!(
+            idle < 60_000,
+            "a request neither answered nor reached the provider"
+        );
         let how = match answered % 5 {
-            0 | 1 | 2 => Gate::Answer,
+            0..=2 => Gate::Answer,
             3 => Gate::Timeout,
             _ => Gate::Outage,
         };
