@@ -2,10 +2,14 @@
 //! hold as being paid for, recording the pending payment) is handed to a few writer tasks: a
 //! writer takes every start waiting (up to `Batched::MAX_BATCH`, 64) and runs the common case — a fresh
 //! key for the pass's own active hold — for all of them with one call of `fg_checkout_begins`
-//! (migration 0020). A start is answered only after the transaction that made it has committed.
+//! (migrations 0020, 0040). A start is answered only after the transaction that made it has
+//! committed. Each claim is an attempt with a lease on the key's payment (`attempt`, its fencing
+//! token, returned with the claim): a first attempt in the batch, a key claimed again (its
+//! earlier request given back after a failure) alone, where its lease is renewed.
 //!
 //! A pass named twice is split into rounds (the later start sees the earlier one). Every start
-//! the batch call does not claim (`defer`: a key already used, a hold that is not the pass's or
+//! the batch call does not claim (`defer`: a key already used or with a payment already, a hold
+//! that is not the pass's or
 //! not active, a pass that has bought, a key another transaction claims), a round of one, and
 //! the starts of a call that fails run through `fg_checkout_begin` one at a time, which gives
 //! each its precise answer. A deferred start left nothing behind in the batch call, and a failed
@@ -31,8 +35,8 @@ pub struct NewStart {
     pub ticket: Uuid,
 }
 
-/// What `fg_checkout_begin` (migration 0013) answers; `fg_checkout_begins` (0020) answers
-/// `claimed` the same way.
+/// What `fg_checkout_begin` (migrations 0013, 0040) answers; `fg_checkout_begins` (0020, 0040)
+/// answers `claimed` the same way.
 #[derive(Debug, Default, sqlx::FromRow)]
 pub struct BeginOutcome {
     pub code: String,
@@ -41,6 +45,9 @@ pub struct BeginOutcome {
     pub seat_ids: Option<Vec<i64>>,
     pub total_cents: Option<i64>,
     pub detail: Option<String>,
+    /// The attempt claimed (`claimed`): the fencing token of this checkout's lease on its
+    /// payment (migration 0040).
+    pub attempt: Option<i32>,
 }
 
 pub type Outcome = Result<BeginOutcome, sqlx::Error>;
@@ -95,13 +102,14 @@ struct BatchRow {
     code: String,
     seat_ids: Option<Vec<i64>>,
     total_cents: Option<i64>,
+    attempt: Option<i32>,
 }
 
 /// A round in one statement (`fg_checkout_begins`, migration 0020); outcomes in order. The
 /// provider is the same for every checkout of an instance.
 async fn begin_batch(pg: &PgPool, starts: &[&NewStart]) -> Result<Vec<BeginOutcome>, sqlx::Error> {
     let rows: Vec<BatchRow> = sqlx::query_as(
-        "SELECT req, code, seat_ids, total_cents
+        "SELECT req, code, seat_ids, total_cents, attempt
          FROM fg_checkout_begins($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY req",
     )
     .bind(starts.iter().map(|c| c.event).collect::<Vec<_>>())
@@ -133,6 +141,7 @@ async fn begin_batch(pg: &PgPool, starts: &[&NewStart]) -> Result<Vec<BeginOutco
             code: row.code,
             seat_ids: row.seat_ids,
             total_cents: row.total_cents,
+            attempt: row.attempt,
             ..Default::default()
         })
         .collect())

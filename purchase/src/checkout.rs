@@ -4,6 +4,19 @@
 //! with no row lock held; then one transaction locks the hold's seats, checks the hold still
 //! owns them, marks them sold, records the order (redeeming the pass's `jti`: one order per
 //! buyer) and the stored answer. If the seats were lost meanwhile, the charge is refunded.
+//!
+//! Invariants, and where they are kept:
+//! * Each claim of a key is an *attempt* with a lease on the key's payment (`attempt`, a
+//!   fencing token, and `attempt_at`, migration 0040). Reconciliation only takes payments whose
+//!   current attempt is older than its grace period, and takes the lease before acting; an
+//!   attempt that fails gives its key and hold back only while the lease is still its own
+//!   ([`give_back`]). So no one settles a payment whose attempt is live.
+//! * A charge that backs an order is never refunded: the refund is decided in a transaction
+//!   that locks the payment and finds no order holding that charge, before the provider is
+//!   asked ([`decide`]); the order commit stores its answer in its own transaction.
+//! * A key's stored answer is written once (only over a `running` request) and every later
+//!   answer for the key is that stored answer, byte for byte ([`decide`] answers with what is
+//!   stored, whoever stored it).
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -130,34 +143,104 @@ async fn checkout(
     let hash =
         sha2::Sha256::digest(serde_json::to_vec(&request).map_err(ApiError::internal)?).to_vec();
 
-    let (hold, payment_key, total) = match begin(&state, &buyer, &key, &hash, &request).await? {
-        Begun::Answer(response) => return Ok(response),
-        Begun::Claimed {
-            hold,
-            payment_key,
-            total,
-        } => (hold, payment_key, total),
-    };
+    let (hold, payment_key, total, attempt) =
+        match begin(&state, &buyer, &key, &hash, &request).await? {
+            Begun::Answer(response) => return Ok(response),
+            Begun::Claimed {
+                hold,
+                payment_key,
+                total,
+                attempt,
+            } => (hold, payment_key, total, attempt),
+        };
     let result =
         charge_and_commit(&state, &buyer, &key, &request, &hold, &payment_key, total).await;
-    // Whatever did not end in a purchase gives the hold back (it still expires on time).
-    let settled = matches!(&result, Ok(done) if done.status == StatusCode::CREATED);
-    if !settled {
-        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
-            .bind(request.hold_id)
-            .execute(&state.pg)
-            .await?;
+    match result {
+        Ok(done) => Ok(answer(&state, done.status, done.body)),
+        Err(e) => {
+            // Nothing was decided (the provider did not answer, or the order's outcome is
+            // unknown): the key and the hold go back, so a retry runs again — unless another
+            // attempt or reconciliation has taken the payment over meanwhile.
+            let attempt = Attempt {
+                hold_id: request.hold_id,
+                jti: buyer.jti,
+                key: &key,
+                payment_key: &payment_key,
+                attempt,
+            };
+            give_back(&state.pg, &attempt).await?;
+            Err(e)
+        }
     }
-    if result.is_err() {
-        // Nothing was charged or sold: free the key so a retry runs again.
-        sqlx::query("DELETE FROM checkout_requests WHERE jti = $1 AND idempotency_key = $2")
-            .bind(buyer.jti)
-            .bind(&key)
-            .execute(&state.pg)
-            .await?;
+}
+
+/// One attempt at paying for a hold under a key: the lease it holds on the key's payment.
+pub(crate) struct Attempt<'a> {
+    pub hold_id: Uuid,
+    pub jti: Uuid,
+    pub key: &'a str,
+    pub payment_key: &'a str,
+    /// The payment's `attempt` this attempt claimed (its fencing token).
+    pub attempt: i32,
+}
+
+/// Gives an attempt's key and hold back (the key may be claimed again, the hold paid for or
+/// replaced), if the payment is still pending under this very attempt; with `abandoned`, the
+/// payment is settled as never charged too (reconciliation, after the provider said so). The
+/// hold's row, then the payment's, are locked first (the order every writer of both follows).
+/// Returns whether it acted.
+pub(crate) async fn give_back(pg: &sqlx::PgPool, a: &Attempt<'_>) -> Result<bool, ApiError> {
+    release_attempt(pg, a, false).await
+}
+
+pub(crate) async fn abandon(pg: &sqlx::PgPool, a: &Attempt<'_>) -> Result<bool, ApiError> {
+    release_attempt(pg, a, true).await
+}
+
+async fn release_attempt(
+    pg: &sqlx::PgPool,
+    a: &Attempt<'_>,
+    abandoned: bool,
+) -> Result<bool, ApiError> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind(a.hold_id)
+        .execute(&mut *tx)
+        .await?;
+    let owned: Option<bool> = sqlx::query_scalar(
+        "SELECT attempt = $2 AND status = 'pending' FROM payments
+         WHERE idempotency_key = $1 FOR UPDATE",
+    )
+    .bind(a.payment_key)
+    .bind(a.attempt)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if owned != Some(true) {
+        return Ok(false);
     }
-    let done = result?;
-    Ok(answer(&state, done.status, done.body))
+    if abandoned {
+        sqlx::query(
+            "UPDATE payments SET status = 'abandoned', settled_at = now()
+             WHERE idempotency_key = $1",
+        )
+        .bind(a.payment_key)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
+        .bind(a.hold_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "DELETE FROM checkout_requests
+         WHERE jti = $1 AND idempotency_key = $2 AND state = 'running'",
+    )
+    .bind(a.jti)
+    .bind(a.key)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// A checkout's answer as the client gets it: a completed order also carries the fan's
@@ -191,6 +274,7 @@ enum Begun {
         hold: HoldRow,
         payment_key: String,
         total: i64,
+        attempt: i32,
     },
 }
 
@@ -224,7 +308,9 @@ async fn begin(
         .await?;
     match outcome.code.as_str() {
         "claimed" => {
-            let (Some(seat_ids), Some(total)) = (outcome.seat_ids, outcome.total_cents) else {
+            let (Some(seat_ids), Some(total), Some(attempt)) =
+                (outcome.seat_ids, outcome.total_cents, outcome.attempt)
+            else {
                 return Err(ApiError::internal(
                     "fg_checkout_begin claimed without a hold",
                 ));
@@ -233,6 +319,7 @@ async fn begin(
                 hold: HoldRow { seat_ids },
                 payment_key,
                 total,
+                attempt,
             })
         }
         "replay" => {
@@ -320,23 +407,11 @@ async fn charge_and_commit(
     .await
 }
 
-/// Records how a payment ended (`declined`, `refunded`, `abandoned`): it needs no more care.
-pub(crate) async fn mark_settled(
-    pg: &sqlx::PgPool,
-    payment_key: &str,
-    status: &str,
-) -> Result<(), ApiError> {
-    sqlx::query("UPDATE payments SET status = $2, settled_at = now() WHERE idempotency_key = $1")
-        .bind(payment_key)
-        .bind(status)
-        .execute(pg)
-        .await?;
-    Ok(())
-}
-
-/// Finishes a checkout once the provider has answered: a decline is recorded and answered 402;
-/// a charge becomes an order, or is refunded if the seats or the pass were lost meanwhile. Used
-/// by checkout and by reconciliation after a crash, so both decide the same way.
+/// Finishes a checkout once the provider has answered, and answers with what the key's answer
+/// now is: a decline is recorded (402); a charge becomes an order, or is refunded if the seats
+/// or the pass were lost meanwhile — unless the charge backs an order already (a duplicate of
+/// the request committed it first), whose stored answer is then the answer. Used by checkout
+/// and by reconciliation after a crash, so both decide the same way.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn settle(
     state: &AppState,
@@ -348,15 +423,19 @@ pub(crate) async fn settle(
     payment_key: &str,
     outcome: ChargeOutcome,
 ) -> Result<Final, ApiError> {
+    let decision = Decision {
+        jti: buyer.jti,
+        key,
+        hold_id,
+        payment_key,
+    };
     let reference = match outcome {
         ChargeOutcome::Declined { code, message } => {
-            mark_settled(&state.pg, payment_key, "declined").await?;
-            let done = Final::error(&ApiError::PaymentRequired(
+            let declined = Final::error(&ApiError::PaymentRequired(
                 code,
                 format!("{message}; your seats stay held until the hold expires"),
             ));
-            store(&state.pg, buyer, key, &done).await?;
-            return Ok(done);
+            return Ok(decide(&state.pg, &decision, None, declined).await?.0);
         }
         ChargeOutcome::Succeeded { reference } => reference,
     };
@@ -380,46 +459,169 @@ pub(crate) async fn settle(
             Ok(done)
         }
         Err(refused) if refused.status().is_client_error() => {
-            // The seats or the pass were lost between charge and commit: give the money back.
-            if let Err(e) = state.payments.refund(&reference).await {
-                tracing::error!(error = %e, payment = %payment_key, "refund failed; reconciliation retries");
-                return Err(ApiError::internal("refund failed"));
-            }
-            sqlx::query(
-                "UPDATE payments SET status = 'refunded', provider_ref = $2, settled_at = now()
-                 WHERE idempotency_key = $1",
+            // The seats or the pass were lost between charge and commit: give the money back,
+            // unless this very charge is the one an order holds.
+            let (done, refund) = decide(
+                &state.pg,
+                &decision,
+                Some(&reference),
+                Final::error(&refused),
             )
-            .bind(payment_key)
-            .bind(&reference)
-            .execute(&state.pg)
             .await?;
-            let done = Final::error(&refused);
-            store(&state.pg, buyer, key, &done).await?;
+            if refund {
+                finish_payment_refund(state, payment_key, &reference).await;
+            }
             Ok(done)
         }
         Err(e) => Err(e),
     }
 }
 
-/// Records the final answer for retries with the same key (in the order's transaction when
-/// there is one).
-async fn store<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    buyer: &Buyer,
-    key: &str,
-    done: &Final,
-) -> Result<(), ApiError> {
-    sqlx::query(
-        "UPDATE checkout_requests SET state = 'done', status_code = $3, response = $4
-         WHERE jti = $1 AND idempotency_key = $2",
+/// The payment a decision is about, and the key its answer is stored under.
+struct Decision<'a> {
+    jti: Uuid,
+    key: &'a str,
+    hold_id: Uuid,
+    payment_key: &'a str,
+}
+
+/// Decides how a payment that did not become an order ends, in one transaction that locks the
+/// hold's row and then the payment's: declined (`refund` is `None`), or to be refunded (the
+/// charge `refund`) — only if the payment is still open and, for a refund, no order holds that
+/// charge. The deciding call stores `answer` under the key (over a running request only, or as
+/// a new row when the request was given back) and gives the hold back. Whoever decided, the
+/// answer returned is the one stored under the key (a running key: 409, retry). Also returns
+/// whether this call decided a refund, which the caller then asks the provider for.
+async fn decide(
+    pg: &sqlx::PgPool,
+    d: &Decision<'_>,
+    refund: Option<&str>,
+    answer: Final,
+) -> Result<(Final, bool), ApiError> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("SELECT 1 FROM holds WHERE id = $1 FOR UPDATE")
+        .bind(d.hold_id)
+        .execute(&mut *tx)
+        .await?;
+    // Open: not settled yet, or settled as never charged by a reconciliation that was wrong.
+    let open: bool = sqlx::query_scalar(
+        "SELECT status = 'abandoned' OR (settled_at IS NULL AND status IN ('pending', 'succeeded'))
+         FROM payments WHERE idempotency_key = $1 FOR UPDATE",
     )
-    .bind(buyer.jti)
+    .bind(d.payment_key)
+    .fetch_optional(&mut *tx)
+    .await?
+    .unwrap_or(false);
+    let decided = match refund {
+        None if open => {
+            sqlx::query(
+                "UPDATE payments SET status = 'declined', settled_at = now()
+                 WHERE idempotency_key = $1",
+            )
+            .bind(d.payment_key)
+            .execute(&mut *tx)
+            .await?;
+            true
+        }
+        Some(reference) if open => {
+            // The order a charge backs has that charge's reference, and its hold's id.
+            let backs_order: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM orders WHERE hold_id = $1 AND payment_ref = $2)",
+            )
+            .bind(d.hold_id)
+            .bind(reference)
+            .fetch_one(&mut *tx)
+            .await?;
+            if !backs_order {
+                sqlx::query(
+                    "UPDATE payments SET status = 'refunding', provider_ref = $2
+                     WHERE idempotency_key = $1",
+                )
+                .bind(d.payment_key)
+                .bind(reference)
+                .execute(&mut *tx)
+                .await?;
+            }
+            !backs_order
+        }
+        _ => false,
+    };
+    if decided {
+        sqlx::query(
+            "INSERT INTO checkout_requests AS c (jti, idempotency_key, request_hash, state,
+                                                 status_code, response)
+             SELECT $1, $2, COALESCE(p.request_hash, '\\x'::BYTEA), 'done', $3, $4
+             FROM payments p WHERE p.idempotency_key = $5
+             ON CONFLICT (jti, idempotency_key) DO UPDATE
+                 SET state = 'done', status_code = EXCLUDED.status_code,
+                     response = EXCLUDED.response
+                 WHERE c.state = 'running'",
+        )
+        .bind(d.jti)
+        .bind(d.key)
+        .bind(i32::from(answer.status.as_u16()))
+        .bind(&answer.body)
+        .bind(d.payment_key)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
+            .bind(d.hold_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let stored = stored_answer(&mut *tx, d.jti, d.key).await?;
+    tx.commit().await?;
+    let done = stored.unwrap_or_else(|| {
+        Final::error(&ApiError::Conflict(
+            "checkout_in_progress",
+            "a checkout with this Idempotency-Key is still running; retry shortly".into(),
+        ))
+    });
+    Ok((done, decided && refund.is_some()))
+}
+
+/// The answer stored under a key, if its checkout has finished.
+async fn stored_answer<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    jti: Uuid,
+    key: &str,
+) -> Result<Option<Final>, ApiError> {
+    let row: Option<(i32, serde_json::Value)> = sqlx::query_as(
+        "SELECT status_code, response FROM checkout_requests
+         WHERE jti = $1 AND idempotency_key = $2 AND state = 'done'
+           AND status_code IS NOT NULL AND response IS NOT NULL",
+    )
+    .bind(jti)
     .bind(key)
-    .bind(i32::from(done.status.as_u16()))
-    .bind(&done.body)
-    .execute(db)
+    .fetch_optional(db)
     .await?;
-    Ok(())
+    row.map(|(status, body)| {
+        let status = u16::try_from(status)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .ok_or_else(|| ApiError::internal(format!("stored status {status}")))?;
+        Ok(Final { status, body })
+    })
+    .transpose()
+}
+
+/// Returns a charge whose refund was decided (`refunding`) and records it refunded. A provider
+/// that does not answer leaves the payment `refunding`: reconciliation asks again.
+pub(crate) async fn finish_payment_refund(state: &AppState, payment_key: &str, reference: &str) {
+    if let Err(e) = state.payments.refund(reference).await {
+        tracing::error!(error = %e, payment = %payment_key, "refund failed; reconciliation retries");
+        return;
+    }
+    let marked = sqlx::query(
+        "UPDATE payments SET status = 'refunded', settled_at = now()
+         WHERE idempotency_key = $1 AND status = 'refunding'",
+    )
+    .bind(payment_key)
+    .execute(&state.pg)
+    .await;
+    if let Err(e) = marked {
+        tracing::warn!(error = %e, payment = %payment_key, "refund not recorded; reconciliation retries");
+    }
 }
 
 /// Sells the hold's seats through the order writer (group commit, `order_writer.rs`): if the

@@ -21,6 +21,11 @@ pub struct Config {
     )]
     pub jwks_url: String,
 
+    /// How often the pass keys are fetched again, in seconds: a key the queue stops publishing
+    /// is refused by every purchase instance within this time.
+    #[arg(long, env = "FAIRGATE_JWKS_REFRESH_SECS", default_value_t = 60)]
+    pub jwks_refresh_secs: u64,
+
     /// Bearer token of the organizer API; unset disables that API.
     #[arg(long, env = "FAIRGATE_ORGANIZER_TOKEN", hide_env_values = true)]
     pub organizer_token: Option<String>,

@@ -96,7 +96,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// The configured payment provider.
-async fn provider(config: &Config) -> anyhow::Result<Arc<dyn payments::PaymentProvider>> {
+async fn provider_of(config: &Config) -> anyhow::Result<Arc<dyn payments::PaymentProvider>> {
     Ok(match config.payment_provider.as_str() {
         "stripe" => Arc::new(stripe::Stripe::new(
             &config.stripe_base_url,
@@ -119,7 +119,28 @@ async fn provider(config: &Config) -> anyhow::Result<Arc<dyn payments::PaymentPr
 }
 
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<RunningApp> {
+    Ok(start_with(config, shutdown, None).await?.0)
+}
+
+/// [`start`] with a payment provider of the caller's (tests: one whose answers and timing they
+/// control) instead of the configured one; also returns the state, so a test can run the
+/// reconciler and the hold sweeper itself.
+pub async fn start_with(
+    config: Config,
+    shutdown: CancellationToken,
+    provider: Option<Arc<dyn payments::PaymentProvider>>,
+) -> anyhow::Result<(RunningApp, AppState)> {
     let Backends { pg, redis, .. } = Backends::connect("purchase", &config.common).await?;
+    if config.reconcile_grace_secs.saturating_mul(1_000) <= config.common.request_timeout_ms {
+        tracing::warn!(
+            "FAIRGATE_RECONCILE_GRACE_SECS is not longer than FAIRGATE_REQUEST_TIMEOUT_MS: a \
+             checkout still running could be judged by reconciliation"
+        );
+    }
+    let payments = match provider {
+        Some(provider) => provider,
+        None => provider_of(&config).await?,
+    };
     let passes = passgate::PassKeys::new(config.jwks_url.clone(), config.common.issuer.clone())?;
     if let Err(e) = passes.refresh().await {
         tracing::warn!(error = %e, "pass keys not fetched yet; will retry on first pass");
@@ -128,7 +149,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let state = AppState(Arc::new(State {
         organizer: RoleToken::new("organizer", config.organizer_token.as_deref()),
         support: shared::auth::NamedTokens::parse("support", config.support_tokens.as_deref())?,
-        payments: provider(&config).await?,
+        payments,
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live,
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
@@ -160,6 +181,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         std::time::Duration::from_millis(state.config.outbox_relay_ms.max(10)),
         shutdown.clone(),
     ));
-    running.spawn(seats::run_hold_sweeper(state, shutdown));
-    Ok(running)
+    running.spawn(passgate::run_refresher(
+        state.passes.clone(),
+        Duration::from_secs(state.config.jwks_refresh_secs.max(1)),
+        shutdown.clone(),
+    ));
+    running.spawn(seats::run_hold_sweeper(state.clone(), shutdown));
+    Ok((running, state))
 }

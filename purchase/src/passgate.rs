@@ -1,12 +1,18 @@
 //! The pass gate: every fan endpoint takes a [`Pass`], verified locally against the queue's
-//! published keys (fetched from its JWKS, refreshed when a pass names an unknown `kid`, at most
-//! once per [`REFRESH_EVERY`]) and checked to be for the event in the path.
+//! published keys and checked to be for the event in the path.
+//!
+//! The key set is the queue's JWKS as last fetched, *replaced* on every fetch: fetched at
+//! start, every `FAIRGATE_JWKS_REFRESH_SECS` ([`run_refresher`]), and when a pass names an
+//! unknown `kid` (at most once per [`REFRESH_EVERY`]). A key the queue stops publishing stops
+//! being trusted at the next fetch, so a leaked key is revoked everywhere within one refresh
+//! period (a failed fetch keeps the previous set).
 //!
 //! A fan presents the same pass on every request of a purchase (seat map, hold, checkout, live
 //! stream), and its Ed25519 check was 17% of the service's CPU in `bench-checkout`. Passes that
-//! verified are remembered by the SHA-256 of their exact bytes ([`VERIFIED_PASSES`] at most):
-//! the same token again skips the signature, not the checks that can change — its event and its
-//! expiry. Keys are only ever added, so a remembered signature stays valid.
+//! verified are remembered by the SHA-256 of their exact bytes ([`VERIFIED_PASSES`] at most),
+//! with the key that signed them: the same token again skips the signature, not the checks
+//! that can change — its key still trusted, its event and its expiry. A refresh forgets the
+//! passes of every key that left the set.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,7 +40,14 @@ pub struct PassKeys {
     url: String,
     http: reqwest::Client,
     last_refresh: Arc<Mutex<Option<Instant>>>,
-    verified: Arc<std::sync::Mutex<HashMap<[u8; 32], PassClaims>>>,
+    verified: Arc<std::sync::Mutex<HashMap<[u8; 32], Remembered>>>,
+}
+
+/// A pass that verified, and the key id it was verified with.
+#[derive(Clone)]
+struct Remembered {
+    claims: PassClaims,
+    kid: String,
 }
 
 impl PassKeys {
@@ -59,15 +72,27 @@ impl PassKeys {
             .error_for_status()?
             .json()
             .await?;
-        let added = self.verifier.add_jwks(&jwks)?;
-        tracing::info!(keys = added, "pass keys refreshed");
-        Ok(added)
+        let kids = self.verifier.replace_jwks(&jwks)?;
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.retain(|_, pass| kids.contains(&pass.kid));
+        }
+        if kids.is_empty() {
+            tracing::warn!(url = %self.url, "the pass key set is empty: every pass is refused");
+        }
+        tracing::debug!(keys = kids.len(), "pass keys refreshed");
+        Ok(kids.len())
     }
 
     /// Verifies a pass, fetching the key set again if the pass names a key we do not know.
     pub async fn verify(&self, token: &str, event: EventId) -> Result<PassClaims, TokenError> {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        if let Some(claims) = self.remembered(&digest) {
+        if let Some(Remembered { claims, kid }) = self.remembered(&digest) {
+            if !self.verifier.knows(&kid) {
+                // Its key left the set since (a refresh forgets such passes; this closes the
+                // moment in between): checked in full, and refused.
+                self.forget(&digest);
+                return self.verify_signed(token, event).await;
+            }
             // As the verifier would decide (`LEEWAY_SECS` of clock skew on `exp`); `nbf` was
             // passed when the signature was checked, and time only moves on.
             let now = chrono::Utc::now().timestamp();
@@ -81,11 +106,13 @@ impl PassKeys {
             return Ok(claims);
         }
         let claims = self.verify_signed(token, event).await?;
-        self.remember(digest, &claims);
+        if let Some(kid) = Verifier::kid_of(token) {
+            self.remember(digest, &claims, kid);
+        }
         Ok(claims)
     }
 
-    fn remembered(&self, digest: &[u8; 32]) -> Option<PassClaims> {
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Remembered> {
         self.verified.lock().ok()?.get(digest).cloned()
     }
 
@@ -95,12 +122,18 @@ impl PassKeys {
         }
     }
 
-    fn remember(&self, digest: [u8; 32], claims: &PassClaims) {
+    fn remember(&self, digest: [u8; 32], claims: &PassClaims, kid: String) {
         if let Ok(mut verified) = self.verified.lock() {
             if verified.len() >= VERIFIED_PASSES {
                 verified.clear();
             }
-            verified.insert(digest, claims.clone());
+            verified.insert(
+                digest,
+                Remembered {
+                    claims: claims.clone(),
+                    kid,
+                },
+            );
         }
     }
 
@@ -118,6 +151,26 @@ impl PassKeys {
             }
         }
         self.verifier.verify_pass(token, event)
+    }
+}
+
+/// Fetches the pass keys every `every` until `shutdown` (a failed fetch keeps the last set).
+pub async fn run_refresher(
+    passes: PassKeys,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = passes.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh pass keys; keeping the last set");
+        }
     }
 }
 
@@ -182,6 +235,51 @@ mod tests {
             PassKeys::new("http://127.0.0.1:9/jwks".into(), "fairgate".into()).expect("keys");
         keys.verifier.add_jwks(&signer.jwks()).expect("jwks");
         keys
+    }
+
+    /// Serves a JWKS that the test can change; returns its URL.
+    async fn jwks_server(published: Arc<std::sync::Mutex<shared::token::Jwks>>) -> String {
+        let app = axum::Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let jwks = published.lock().expect("jwks").clone();
+                async move { axum::Json(jwks) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/jwks")
+    }
+
+    #[tokio::test]
+    async fn a_refresh_replaces_the_key_set_and_forgets_passes_of_keys_that_left() {
+        let old = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+        let new = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+        let published = Arc::new(std::sync::Mutex::new(old.jwks()));
+        let keys =
+            PassKeys::new(jwks_server(published.clone()).await, "fairgate".into()).expect("keys");
+        assert_eq!(keys.refresh().await.expect("refresh"), 1);
+        let leaked = sign(&old, 7, 600);
+        keys.verify(&leaked, event(7)).await.expect("trusted");
+        assert_eq!(keys.verified.lock().expect("lock").len(), 1, "remembered");
+
+        *published.lock().expect("jwks") = new.jwks();
+        assert_eq!(keys.refresh().await.expect("refresh"), 1);
+        assert!(
+            keys.verified.lock().expect("lock").is_empty(),
+            "the passes of the key that left are forgotten"
+        );
+        assert_eq!(
+            keys.verify(&leaked, event(7)).await,
+            Err(TokenError::UnknownKey),
+            "a key no longer published is no longer trusted"
+        );
+        keys.verify(&sign(&new, 7, 600), event(7))
+            .await
+            .expect("the new key is");
     }
 
     #[tokio::test]

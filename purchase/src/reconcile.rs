@@ -4,6 +4,13 @@
 //! the order is committed if the hold still owns its seats, else the charge is refunded;
 //! declined → recorded; never charged → abandoned and the client may retry. So there is no
 //! charged-but-unsold and no sold-but-uncharged, whatever instant a process dies at.
+//!
+//! "Well after it began" means after the *current attempt* began: every claim of the key renews
+//! the payment's lease (`attempt_at`, migration 0040), so a retry after a provider outage is
+//! never taken for a crashed checkout. Reconciliation takes the lease itself before it looks
+//! (the next `attempt`, a fencing token), and gives the key and hold back as abandoned only
+//! while that lease is still its own; a decision it makes after a charge is the one checkout
+//! makes (`checkout::settle`), which never refunds a charge an order holds.
 
 use std::time::Duration;
 
@@ -12,7 +19,7 @@ use shared::ApiError;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::checkout::{mark_settled, settle, Buyer, HoldRow};
+use crate::checkout::{abandon, finish_payment_refund, settle, Attempt, Buyer, HoldRow};
 use crate::AppState;
 
 pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -33,7 +40,14 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
 #[derive(sqlx::FromRow)]
 struct Unsettled {
     idempotency_key: String,
+    attempt: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct Payment {
     amount_cents: i64,
+    status: String,
+    provider_ref: Option<String>,
     event_id: Option<i64>,
     jti: Option<Uuid>,
     identity: Option<String>,
@@ -42,8 +56,8 @@ struct Unsettled {
     checkout_key: Option<String>,
 }
 
-/// Settles every payment left unsettled past the grace period, and finishes refunds whose
-/// provider call was interrupted; returns how many.
+/// Settles every payment whose current attempt began more than the grace period ago, and
+/// finishes refunds whose provider call was interrupted; returns how many.
 pub async fn reconcile_once(state: &AppState) -> Result<usize, ApiError> {
     let refunding: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, payment_ref FROM orders
@@ -60,19 +74,54 @@ pub async fn reconcile_once(state: &AppState) -> Result<usize, ApiError> {
     Ok(finished + settle_payments(state).await?)
 }
 
+/// Reconciliation's lease on a payment whose attempt went quiet: the next attempt number, taken
+/// only if the attempt it saw is still the current one and the payment still unsettled. A
+/// checkout claiming the key meanwhile has renewed the lease, and the payment is left to it.
+async fn take_over(state: &AppState, stale: &Unsettled) -> Result<Option<i32>, ApiError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE payments SET attempt = attempt + 1, attempt_at = now()
+         WHERE idempotency_key = $1 AND attempt = $2 AND settled_at IS NULL
+           AND attempt_at < now() - make_interval(secs => $3)
+         RETURNING attempt",
+    )
+    .bind(&stale.idempotency_key)
+    .bind(stale.attempt)
+    .bind(state.config.reconcile_grace_secs as f64)
+    .fetch_optional(&state.pg)
+    .await?)
+}
+
 async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
     let stale = sqlx::query_as::<_, Unsettled>(
-        "SELECT idempotency_key, amount_cents, event_id, jti, identity, ticket_id, hold_id,
-                checkout_key
-         FROM payments
-         WHERE settled_at IS NULL AND created_at < now() - make_interval(secs => $1)
-         ORDER BY created_at LIMIT 100",
+        "SELECT idempotency_key, attempt FROM payments
+         WHERE settled_at IS NULL AND attempt_at < now() - make_interval(secs => $1)
+         ORDER BY attempt_at LIMIT 100",
     )
     .bind(state.config.reconcile_grace_secs as f64)
     .fetch_all(&state.pg)
     .await?;
     let mut settled = 0;
-    for payment in stale {
+    for stale in stale {
+        let Some(attempt) = take_over(state, &stale).await? else {
+            continue;
+        };
+        let payment_key = stale.idempotency_key;
+        let payment = sqlx::query_as::<_, Payment>(
+            "SELECT amount_cents, status, provider_ref, event_id, jti, identity, ticket_id,
+                    hold_id, checkout_key
+             FROM payments WHERE idempotency_key = $1",
+        )
+        .bind(&payment_key)
+        .fetch_one(&state.pg)
+        .await?;
+        if payment.status == "refunding" {
+            // Decided already; only the provider's refund is missing.
+            if let Some(reference) = &payment.provider_ref {
+                finish_payment_refund(state, &payment_key, reference).await;
+            }
+            settled += 1;
+            continue;
+        }
         let (Some(event), Some(jti), Some(identity), Some(ticket), Some(hold_id), Some(key)) = (
             payment.event_id.and_then(EventId::new),
             payment.jti,
@@ -81,7 +130,7 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
             payment.hold_id,
             payment.checkout_key,
         ) else {
-            tracing::error!(payment = %payment.idempotency_key, "payment without checkout context");
+            tracing::error!(payment = %payment_key, "payment without checkout context");
             continue;
         };
         let buyer = Buyer {
@@ -96,7 +145,7 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
             .await?;
         let outcome = state
             .payments
-            .lookup(&payment.idempotency_key)
+            .lookup(&payment_key)
             .await
             .map_err(ApiError::internal)?;
         match outcome {
@@ -108,30 +157,28 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
                     hold_id,
                     &hold,
                     payment.amount_cents,
-                    &payment.idempotency_key,
+                    &payment_key,
                     outcome,
                 )
                 .await?;
             }
             None => {
                 // The provider never saw it: nothing was charged; the client may simply retry.
-                mark_settled(&state.pg, &payment.idempotency_key, "abandoned").await?;
-                sqlx::query(
-                    "DELETE FROM checkout_requests
-                     WHERE jti = $1 AND idempotency_key = $2 AND state = 'running'",
-                )
-                .bind(jti)
-                .bind(&key)
-                .execute(&state.pg)
-                .await?;
+                // Only while the lease is still ours: a retry that claimed the key since then
+                // is live, and its charge must not be judged by this lookup.
+                let mine = Attempt {
+                    hold_id,
+                    jti,
+                    key: &key,
+                    payment_key: &payment_key,
+                    attempt,
+                };
+                if !abandon(&state.pg, &mine).await? {
+                    continue;
+                }
             }
         }
-        // Whatever did not end in a purchase gives the hold back (it still expires on time).
-        sqlx::query("UPDATE holds SET status = 'active' WHERE id = $1 AND status = 'paying'")
-            .bind(hold_id)
-            .execute(&state.pg)
-            .await?;
-        tracing::warn!(payment = %payment.idempotency_key, "interrupted checkout reconciled");
+        tracing::warn!(payment = %payment_key, "interrupted checkout reconciled");
         settled += 1;
     }
     Ok(settled)

@@ -3,6 +3,11 @@
 //! expired, or by this pass's previous hold, which the new one replaces), and the hold keeps them
 //! for `hold_ttl_secs`. Expired holds come back by themselves: every check treats a seat whose
 //! `held_until` has passed as free, and a sweeper resets such rows.
+//!
+//! A pass has at most one hold that is active or being paid for, so its held seats never exceed
+//! its limit: a new hold replaces the active one, a pass whose hold is being paid for is refused
+//! (409 `checkout_in_progress`) until that checkout ends, and two holds of one pass at the same
+//! moment are taken one after the other (an advisory lock of the pass, migration 0041).
 
 use std::time::Duration;
 
@@ -244,6 +249,11 @@ fn hold_refusal(
             "pass_used",
             "this pass has already been used for a purchase".into(),
         ),
+        "hold_paying" => ApiError::Conflict(
+            "checkout_in_progress",
+            "this pass's hold is being paid for; hold other seats once that checkout has ended"
+                .into(),
+        ),
         "ticket_type_not_found" => ApiError::NotFound(
             "ticket_type_not_found",
             format!("this event has no general-admission ticket type {ticket_type:?}"),
@@ -318,44 +328,49 @@ pub async fn run_hold_sweeper(state: AppState, shutdown: CancellationToken) -> a
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let swept: Result<Vec<(i64, i64)>, _> = sqlx::query_as(
-            "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
-             WHERE event_id IN (SELECT id FROM events) AND status = 'held'
-               AND held_until < now()
-             RETURNING event_id, id",
-        )
-        .fetch_all(&state.pg)
-        .await;
-        match swept {
-            Ok(rows) if !rows.is_empty() => {
-                metrics::counter!("purchase_seats_returned_total").increment(rows.len() as u64);
-                tracing::info!(seats = rows.len(), "expired holds returned to sale");
-                let mut by_event: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
-                for (event, seat) in rows {
-                    by_event.entry(event).or_default().push(seat);
-                }
-                for (event, seats) in by_event {
-                    if let Some(event) = EventId::new(event) {
-                        crate::live::seats_changed(&state, event, &seats, "available");
-                    }
+        sweep_once(&state).await;
+    }
+}
+
+/// One sweep: expired holds' seats back on sale, and events whose every place is sold closed.
+pub async fn sweep_once(state: &AppState) {
+    let swept: Result<Vec<(i64, i64)>, _> = sqlx::query_as(
+        "UPDATE seats SET status = 'available', hold_id = NULL, held_until = NULL
+         WHERE event_id IN (SELECT id FROM events) AND status = 'held'
+           AND held_until < now()
+         RETURNING event_id, id",
+    )
+    .fetch_all(&state.pg)
+    .await;
+    match swept {
+        Ok(rows) if !rows.is_empty() => {
+            metrics::counter!("purchase_seats_returned_total").increment(rows.len() as u64);
+            tracing::info!(seats = rows.len(), "expired holds returned to sale");
+            let mut by_event: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+            for (event, seat) in rows {
+                by_event.entry(event).or_default().push(seat);
+            }
+            for (event, seats) in by_event {
+                if let Some(event) = EventId::new(event) {
+                    crate::live::seats_changed(state, event, &seats, "available");
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
         }
-        // Two checkouts selling the last seats at once may each miss the other's commit; this
-        // closes the line for them.
-        if let Err(e) = sqlx::query(
-            "UPDATE events e SET sold_out_at = now()
-             WHERE sold_out_at IS NULL AND sale_ends_at > now()
-               AND EXISTS (SELECT 1 FROM seats WHERE event_id = e.id)
-               AND NOT EXISTS (SELECT 1 FROM seats WHERE event_id = e.id
-                               AND status IN ('available', 'held'))",
-        )
-        .execute(&state.pg)
-        .await
-        {
-            tracing::warn!(error = %e, "sold-out sweep failed");
-        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "hold sweep failed"),
+    }
+    // Two checkouts selling the last seats at once may each miss the other's commit; this
+    // closes the line for them.
+    if let Err(e) = sqlx::query(
+        "UPDATE events e SET sold_out_at = now()
+         WHERE sold_out_at IS NULL AND sale_ends_at > now()
+           AND EXISTS (SELECT 1 FROM seats WHERE event_id = e.id)
+           AND NOT EXISTS (SELECT 1 FROM seats WHERE event_id = e.id
+                           AND status IN ('available', 'held'))",
+    )
+    .execute(&state.pg)
+    .await
+    {
+        tracing::warn!(error = %e, "sold-out sweep failed");
     }
 }

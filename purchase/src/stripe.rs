@@ -20,13 +20,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use serde::Deserialize;
-use shared::extract::Json;
+use shared::extract::{Json, RawBody};
 use shared::ApiError;
 
 use crate::payments::{ChargeOutcome, PaymentError, PaymentProvider};
@@ -292,7 +291,7 @@ struct Received {
 async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<Received>, ApiError> {
     let Some(secret) = state.config.stripe_webhook_secret.as_deref() else {
         return Err(ApiError::NotFound(
@@ -311,6 +310,12 @@ async fn webhook(
         })?;
     verify_signature(header, &body, secret, chrono::Utc::now().timestamp())
         .map_err(|why| ApiError::Unauthorized("signature_invalid", why))?;
+    if shared::extract::json_has_nul(&body) {
+        return Err(ApiError::BadRequest(
+            "malformed_json",
+            "a webhook event must not contain the NUL character (\\u0000)".into(),
+        ));
+    }
     let event: WebhookEvent = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest("malformed_json", e.to_string()))?;
     let stored = sqlx::query(

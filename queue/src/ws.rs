@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{Html, Response};
@@ -104,7 +104,7 @@ async fn upgrade(
     Path(id): Path<i64>,
     Query(query): Query<WsQuery>,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    shared::extract::Upgrade(upgrade): shared::extract::Upgrade,
 ) -> Result<Response, ApiError> {
     check_origin(&state, &headers)?;
     let (event_id, ticket) = pass::ticket_for(&state, id, &query.ticket)?;

@@ -5,6 +5,7 @@
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -34,7 +35,7 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
         self.limiter.check_key(key).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             ApiError::RateLimited {
-                retry_after_secs: wait.as_secs().max(1),
+                retry_after_secs: retry_after_secs(wait),
                 message: format!("too many requests from this {}; retry later", self.what),
             }
         })
@@ -42,5 +43,44 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 
     pub fn retain_recent(&self) {
         self.limiter.retain_recent();
+    }
+}
+
+/// The whole seconds a client told to wait `wait` must wait: rounded up, so a retry after
+/// exactly that many seconds is let through, and at least one.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs();
+    let up = if wait.subsec_nanos() > 0 {
+        whole + 1
+    } else {
+        whole
+    };
+    up.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(59_001)), 60);
+        assert_eq!(retry_after_secs(Duration::from_millis(1_999)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn a_refused_client_is_told_a_wait_it_can_keep() {
+        // One a minute: the second request must wait (just under) a whole minute.
+        let limit = KeyedLimit::per_minute(1, 1, "test");
+        limit.check(&1).expect("the first is allowed");
+        match limit.check(&1) {
+            Err(ApiError::RateLimited {
+                retry_after_secs, ..
+            }) => assert_eq!(retry_after_secs, 60),
+            other => panic!("expected 429, got {other:?}"),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP scaffolding every service uses: the operational routes (`/healthz`, `/readyz`,
 //! `/metrics`), the shared layers (tracing, metrics, timeout, body and concurrency limits, panic
-//! → JSON 500, JSON 404/405), and serving until one shutdown signal fires.
+//! → JSON 500, JSON 404/405, `Connection: close` when a request's body is left unread), and
+//! serving until one shutdown signal fires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -132,7 +133,76 @@ pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router 
         ))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(config.web.cors())
+        .layer(axum::middleware::from_fn(close_if_body_unread))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
+}
+
+/// Says `Connection: close` on the answer to a request whose body was not read to its end (a
+/// refusal before the body: no pass, no token, rate-limited, too large). The server does not
+/// keep such a connection (the rest of the body would be read as the next request), and a
+/// client told nothing would send its next request — perhaps a checkout — on a connection
+/// being closed under it, with no way to know whether it arrived.
+async fn close_if_body_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::header;
+    let headers = request.headers();
+    let declared = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|length| length > 0);
+    if !declared {
+        return next.run(request).await;
+    }
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = request.into_parts();
+    let body = axum::body::Body::new(ReadToEnd {
+        inner: body,
+        read: read.clone(),
+    });
+    let mut response = next
+        .run(axum::extract::Request::from_parts(parts, body))
+        .await;
+    if !read.load(std::sync::atomic::Ordering::Acquire) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// A request body that records when it has been read to its end.
+struct ReadToEnd {
+    inner: axum::body::Body,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.read.store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The request span: method and path only. Query strings are left out because the waiting

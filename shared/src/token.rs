@@ -423,15 +423,7 @@ impl Verifier {
 
     /// Adds (or replaces) the Ed25519 keys of a JWKS; other key types are ignored.
     pub fn add_jwks(&self, jwks: &Jwks) -> anyhow::Result<usize> {
-        let mut added = Vec::new();
-        for jwk in &jwks.keys {
-            if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
-                continue;
-            }
-            let raw = URL_SAFE_NO_PAD.decode(&jwk.x)?;
-            anyhow::ensure!(raw.len() == 32, "Ed25519 public key must be 32 bytes");
-            added.push((jwk.kid.clone(), DecodingKey::from_ed_der(&raw)));
-        }
+        let added = Self::ed25519_keys(jwks)?;
         let count = added.len();
         let mut keys = self
             .keys
@@ -439,6 +431,33 @@ impl Verifier {
             .map_err(|_| anyhow::anyhow!("key set lock poisoned"))?;
         keys.extend(added);
         Ok(count)
+    }
+
+    /// Makes the Ed25519 keys of a JWKS the whole key set: a key the publisher no longer lists
+    /// is no longer trusted (revocation). A JWKS with a malformed key changes nothing. Returns
+    /// the key ids now trusted.
+    pub fn replace_jwks(&self, jwks: &Jwks) -> anyhow::Result<Vec<String>> {
+        let fresh: HashMap<String, DecodingKey> = Self::ed25519_keys(jwks)?.into_iter().collect();
+        let kids = fresh.keys().cloned().collect();
+        let mut keys = self
+            .keys
+            .write()
+            .map_err(|_| anyhow::anyhow!("key set lock poisoned"))?;
+        *keys = fresh;
+        Ok(kids)
+    }
+
+    fn ed25519_keys(jwks: &Jwks) -> anyhow::Result<Vec<(String, DecodingKey)>> {
+        let mut found = Vec::new();
+        for jwk in &jwks.keys {
+            if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
+                continue;
+            }
+            let raw = URL_SAFE_NO_PAD.decode(&jwk.x)?;
+            anyhow::ensure!(raw.len() == 32, "Ed25519 public key must be 32 bytes");
+            found.push((jwk.kid.clone(), DecodingKey::from_ed_der(&raw)));
+        }
+        Ok(found)
     }
 
     /// The issuer (`iss`) tokens must name.

@@ -129,7 +129,12 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         let http = http.clone();
         async move {
             tokio::time::sleep(Duration::from_millis(12 * i as u64)).await;
-            let response = http.post(url).send().await.expect("request");
+            let response = http
+                .post(url)
+                .header("content-type", "application/json")
+                .send()
+                .await
+                .expect("request");
             assert!(
                 response.status().is_success(),
                 "join refused: {}",
@@ -298,6 +303,7 @@ async fn racing_instances_draw_once_and_lose_no_join() {
     // And a new arrival still goes to the back, after everyone.
     let late: Value = http
         .post(format!("{}/api/v1/events/{event}/join", instances[0].url()))
+        .header("content-type", "application/json")
         .send()
         .await
         .expect("request")
@@ -431,7 +437,12 @@ async fn anonymous_identities_are_their_tickets_and_an_events_joins_go_with_it()
     let url = format!("{}/api/v1/events/{event}/join", app.url());
     let mut tickets = Vec::new();
     for _ in 0..3 {
-        let answer = http.post(&url).send().await.expect("request");
+        let answer = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .expect("request");
         assert_eq!(answer.status(), 201);
         let body: Value = answer.json().await.expect("json");
         tickets.push(Uuid::parse_str(body["ticket_id"].as_str().expect("id")).expect("uuid"));
@@ -474,7 +485,12 @@ async fn anonymous_identities_are_their_tickets_and_an_events_joins_go_with_it()
         .await
         .expect("delete the event");
     assert_eq!(join_count(&pg, event).await, 0);
-    let answer = http.post(&url).send().await.expect("request");
+    let answer = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("request");
     assert_eq!(answer.status(), 404);
     assert_eq!(join_count(&pg, event).await, 0);
 

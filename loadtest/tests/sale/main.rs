@@ -528,6 +528,7 @@ async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
     .await;
     expect(
         http.post(&join)
+            .header("content-type", "application/json")
             .body(vec![b' '; 70 * 1024])
             .send()
             .await
@@ -538,11 +539,35 @@ async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
     .await;
     expect(
         http.post(format!("{buffer}/api/v1/events/999999/join"))
+            .header("content-type", "application/json")
             .send()
             .await
             .expect("req"),
         404,
         "event_not_found",
+    )
+    .await;
+    // A join is JSON: a form or text/plain post (a cross-site "simple" request) is refused.
+    for (content_type, body) in [
+        ("text/plain", "{}"),
+        ("application/x-www-form-urlencoded", "a=b"),
+    ] {
+        expect(
+            http.post(&join)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .expect("req"),
+            415,
+            "unsupported_media_type",
+        )
+        .await;
+    }
+    expect(
+        http.post(&join).send().await.expect("req"),
+        415,
+        "unsupported_media_type",
     )
     .await;
     expect(

@@ -18,8 +18,11 @@ mod catalog;
 mod fan_refunds;
 mod hold_batches;
 mod live;
+mod model;
+mod money_edges;
 mod order_batches;
 mod plans;
+mod provider;
 mod sandbox;
 mod stripe;
 mod sweeper;
@@ -121,6 +124,47 @@ async fn in_process(
         .await
         .expect("purchase starts")
 }
+
+/// The purchase service in this process with the test's payment provider; also its state (to
+/// run reconciliation and the sweeper by hand: their own tasks wait an hour between runs).
+async fn in_process_with(
+    env: &TestEnv,
+    signer: &Signer,
+    provider: &provider::Scripted,
+    tune: impl FnOnce(&mut purchase::Config),
+) -> (shared::server::RunningApp, purchase::AppState) {
+    in_process_on(env.common_config(), signer, provider, tune).await
+}
+
+/// [`in_process_with`] on the given database and Redis settings.
+async fn in_process_on(
+    common: shared::config::CommonConfig,
+    signer: &Signer,
+    provider: &provider::Scripted,
+    tune: impl FnOnce(&mut purchase::Config),
+) -> (shared::server::RunningApp, purchase::AppState) {
+    use clap::Parser;
+    let mut config = purchase::Config::parse_from(["purchase"]);
+    config.bind = "127.0.0.1:0".parse().expect("addr");
+    config.jwks_url = serve_jwks(signer).await;
+    config.organizer_token = Some(ORGANIZER.into());
+    config.support_tokens = Some(format!("support:{SUPPORT}"));
+    config.order_secret = Some("an order secret of the tests, 32+ characters".into());
+    config.reconcile_ms = 3_600_000;
+    config.hold_sweep_ms = 3_600_000;
+    config.reconcile_grace_secs = 60;
+    config.common = common;
+    tune(&mut config);
+    purchase::start_with(
+        config,
+        tokio_util::sync::CancellationToken::new(),
+        Some(provider.provider()),
+    )
+    .await
+    .expect("purchase starts")
+}
+
+const SUPPORT: &str = "support-token-of-the-tests";
 
 fn pass(signer: &Signer, event: i64) -> String {
     let now = chrono::Utc::now().timestamp();

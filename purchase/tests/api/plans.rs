@@ -5,8 +5,9 @@
 use shared::testing::TestEnv;
 
 /// Every function a hold or a checkout runs, and the outbox reads.
-const KEYED: [&str; 9] = [
+const KEYED: [&str; 10] = [
     "fg_hold",
+    "fg_lock_passes",
     "fg_holds",
     "fg_holds_general",
     "fg_checkout_begin",
