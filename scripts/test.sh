@@ -19,6 +19,17 @@ export RUST_TEST_THREADS="${RUST_TEST_THREADS:-4}"
 fg_say "running the test suite"
 cargo test --workspace --all-targets "$@"
 
+# fairgate on a real Redis Cluster (3 masters, 3 replicas, started here and stopped on exit):
+# the integration tests that touch Redis, and a crowd sale, again and unchanged. (The cluster
+# tests themselves, which kill nodes, start clusters of their own and already ran above.)
+cluster_port="${FG_TEST_CLUSTER_PORT:-21001}"
+fg_say "starting a Redis Cluster on 127.0.0.1:$cluster_port-$((cluster_port + 5))"
+FG_CLEANUP+=("scripts/redis-cluster.sh stop $cluster_port $FG_DATA/redis-cluster")
+cluster_url="$(scripts/redis-cluster.sh start "$cluster_port" "$FG_DATA/redis-cluster")"
+fg_say "running the Redis-touching tests against the cluster ($cluster_url)"
+FAIRGATE_TEST_REDIS_URL="$cluster_url" cargo test -p fairgate-buffer -p fairgate-queue \
+  -p fairgate-purchase -p fairgate-loadtest --tests -- --skip cluster::
+
 # A short chaos run: a crowd sale while Redis, a buffer, the admission leader and Postgres fail
 # under it (its own Postgres and Redis; see scripts/chaos.sh), then every invariant checked.
 fg_say "chaos smoke run"

@@ -47,6 +47,10 @@ struct Args {
     /// Port of the bare axum handler the bench starts.
     #[arg(long, default_value_t = 18090)]
     bare_port: u16,
+    /// Join after the draw (live arrivals, each given its place at the back) instead of during
+    /// presale.
+    #[arg(long)]
+    live: bool,
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -64,6 +68,13 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench:{}", uuid::Uuid::new_v4().simple());
     let pg = args.backends.database().await?;
     let now = Utc::now();
+    // Live: the sale started a second ago, so the buffer draws it (nobody in presale) at once
+    // and every join is a live arrival placed at the back.
+    let sale_starts = if args.live {
+        now - chrono::Duration::seconds(1)
+    } else {
+        now + chrono::Duration::days(1)
+    };
     let event: i64 = sqlx::query_scalar(
         "INSERT INTO events (name, starts_at, presale_opens_at, sale_starts_at, sale_ends_at,
              rate_per_minute, max_active, pass_ttl_secs, claim_window_secs, seats_per_fan)
@@ -71,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .bind(now + chrono::Duration::days(30))
     .bind(now - chrono::Duration::minutes(1))
-    .bind(now + chrono::Duration::days(1))
+    .bind(sale_starts)
     .bind(now + chrono::Duration::days(2))
     .fetch_one(&pg)
     .await?;
@@ -123,6 +134,22 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     wait_ready(&http, &format!("http://{bare_addr}/healthz")).await?;
     wait_ready(&http, &format!("http://{buffer_addr}/readyz")).await?;
+    if args.live {
+        let mut drawn = false;
+        for _ in 0..200 {
+            drawn = sqlx::query_scalar::<_, bool>(
+                "SELECT COALESCE((SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1), false)",
+            )
+            .bind(event)
+            .fetch_one(&pg)
+            .await?;
+            if drawn {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(drawn, "the buffer did not draw the live event");
+    }
 
     let mut rounds: Vec<Round> = Vec::new();
     for _ in 0..args.rounds.max(1) {
@@ -208,7 +235,10 @@ async fn main() -> anyhow::Result<()> {
         "capacity: bare {:.0} /s at {} in flight, join {:.0} /s at {} in flight",
         bare_best.bare.rps, bare_best.concurrency, join_best.join.rps, join_best.concurrency
     );
-    println!("joins stored in Postgres   {stored}");
+    println!(
+        "joins stored in Postgres   {stored}{}",
+        if args.live { " (live arrivals)" } else { "" }
+    );
     println!(
         "capacity ratio join / bare {ratio:.2} median of {:?} (target ≥ 0.50)",
         ratios
