@@ -620,6 +620,27 @@ async fn bad_input_gets_precise_json_errors_and_changes_nothing() {
 
     // Queue: a websocket without a valid ticket, a claim before the draw, a foreign origin.
     let joined = c.join(event, None).await.expect("join");
+    // The websocket route asked without an upgrade, or with a version we do not speak.
+    let ws_url = format!("{queue}/api/v1/events/{event}/ws?ticket={}", joined.ticket);
+    expect(
+        http.get(&ws_url).send().await.expect("req"),
+        400,
+        "websocket_upgrade_required",
+    )
+    .await;
+    expect(
+        http.get(&ws_url)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "8")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .send()
+            .await
+            .expect("req"),
+        400,
+        "websocket_version_unsupported",
+    )
+    .await;
     expect(
         upgrade(http.get(format!("{queue}/api/v1/events/{event}/ws?ticket=forged"))).await,
         401,
