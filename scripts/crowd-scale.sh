@@ -8,6 +8,8 @@
 #
 #   scripts/crowd-scale.sh                     # 30,000 fans, 15,000 seats
 #   FANS=200000 SEATS=100000 QUEUES=12 PRESALE=240 scripts/crowd-scale.sh
+#   CLUSTER=1 FANS=10000 SEATS=5000 scripts/crowd-scale.sh   # on a local Redis Cluster
+#                                              # (scripts/redis-cluster.sh, 3 masters + 3 replicas)
 #
 # Results: the crowd's summary on stdout, loadtest/out/scale-<fans>.json / .html, and the
 # primitives' figures in loadtest/out/scale-<fans>-primitives.txt.
@@ -49,7 +51,15 @@ FG_CLEANUP+=("psql '$admin' -qc 'DROP DATABASE IF EXISTS $db WITH (FORCE)'")
 base="${DATABASE_URL%%\?*}"
 export DATABASE_URL="${base%/*}/$db"
 export FAIRGATE_REDIS_PREFIX="$tag"
-FG_CLEANUP+=("redis-cli -u '$REDIS_URL' --scan --pattern '$tag*' | xargs -r -n 500 redis-cli -u '$REDIS_URL' del")
+if [ "${CLUSTER:-0}" = 1 ]; then
+  cluster_port="${CLUSTER_PORT:-21001}"
+  FG_CLEANUP+=("scripts/redis-cluster.sh stop $cluster_port $FG_DATA/redis-cluster-scale")
+  REDIS_URL="$(scripts/redis-cluster.sh start "$cluster_port" "$FG_DATA/redis-cluster-scale")"
+  export REDIS_URL
+  fg_say "services on the Redis Cluster $REDIS_URL"
+else
+  FG_CLEANUP+=("redis-cli -u '$REDIS_URL' --scan --pattern '$tag*' | xargs -r -n 500 redis-cli -u '$REDIS_URL' del")
+fi
 export FAIRGATE_SIGNING_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export FAIRGATE_ORDER_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export FAIRGATE_ORGANIZER_TOKEN="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -87,7 +97,11 @@ fg_say "services up: buffer, $QUEUES queue instances on one port, purchase"
 prim="$OUT/scale-$FANS-primitives.txt"
 {
   echo "# redis-benchmark ZADD (same Redis, same run)"
-  redis-benchmark -u "$REDIS_URL" -q -t zadd -n 200000 -c 50 2>/dev/null | tr "\r" "\n" | grep "requests per second"
+  if [ "${CLUSTER:-0}" = 1 ]; then
+    redis-benchmark --cluster -p "$cluster_port" -q -t zadd -n 200000 -c 50 2>/dev/null | tr "\r" "\n" | grep "requests per second"
+  else
+    redis-benchmark -u "$REDIS_URL" -q -t zadd -n 200000 -c 50 2>/dev/null | tr "\r" "\n" | grep "requests per second"
+  fi
   echo "# pgbench: conditional UPDATE of one seat row (same Postgres, same run)"
   psql "$DATABASE_URL" -qc "CREATE TABLE pgbench_seats AS SELECT g AS id, 'available'::text AS status FROM generate_series(1, 100000) g; ALTER TABLE pgbench_seats ADD PRIMARY KEY (id)" >/dev/null
   printf '%s\n' '\set id random(1, 100000)' \

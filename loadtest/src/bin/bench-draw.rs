@@ -2,8 +2,8 @@
 //! primitive measured in the same run: `redis-cli --pipe` writing N ZADDs.
 //!
 //! The fans are inserted straight into Postgres first (not timed); then the buffer's own
-//! `run_draw` runs: lock, read the entrants, commit the draw, shuffle, and publish the queue to
-//! Redis (built aside, renamed into place). Uses `DATABASE_URL` / `REDIS_URL` and a Redis key
+//! `run_draw` runs: lock, read the entrants, commit the draw, shuffle, and mirror the queue to
+//! Redis (pipelined ZADDs, then the count that flags it whole). Uses `DATABASE_URL` / `REDIS_URL` and a Redis key
 //! prefix of its own; it deletes what it created.
 
 use std::io::Write;
@@ -58,14 +58,21 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let event_id = EventId::new(event).context("event id")?;
     println!("inserting {} presale joins (not timed)…", args.fans);
-    sqlx::query(
-        "INSERT INTO joins (ticket_id, event_id, identity, phase)
-         SELECT gen_random_uuid(), $1, 'bench:' || g, 'presale' FROM generate_series(1, $2) AS g",
-    )
-    .bind(event)
-    .bind(args.fans as i64)
-    .execute(&state.pg)
-    .await?;
+    // In chunks: each statement stays well inside the pool's statement timeout.
+    const CHUNK: u64 = 100_000;
+    for first in (0..args.fans).step_by(CHUNK as usize) {
+        let last = (first + CHUNK).min(args.fans);
+        sqlx::query(
+            "INSERT INTO joins (ticket_id, event_id, identity, phase)
+             SELECT gen_random_uuid(), $1, 'bench:' || g, 'presale'
+             FROM generate_series($2, $3) AS g",
+        )
+        .bind(event)
+        .bind(first as i64 + 1)
+        .bind(last as i64)
+        .execute(&state.pg)
+        .await?;
+    }
     sqlx::query("ANALYZE joins").execute(&state.pg).await?;
 
     // The raw primitive, same run: N ZADDs through redis-cli --pipe.
