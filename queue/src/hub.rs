@@ -501,10 +501,16 @@ impl Drop for SocketGuard {
 #[derive(sqlx::FromRow)]
 struct Line {
     drawn: bool,
+    /// The draw committed moments ago: its queue is still being mirrored for the first time.
+    just_drawn: bool,
     head: i64,
     tail: i64,
     active: i64,
 }
+
+/// How long after the draw a mirror that is not whole yet is the draw's own publication (the
+/// waiters keep waiting for the draw) rather than Redis catching up after a loss.
+const PUBLICATION_SECS: i64 = 30;
 
 /// Reads an event's line from Postgres (head, tail and active shoppers as committed, and its
 /// settings), and from Redis only whether its mirror is whole.
@@ -513,8 +519,9 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let line: Line = sqlx::query_as(
-        "SELECT d.drawn_at IS NOT NULL AS drawn, COALESCE(d.tail, 0) AS tail,
-                COALESCE(a.head, 0) AS head,
+        "SELECT d.drawn_at IS NOT NULL AS drawn,
+                COALESCE(d.drawn_at > now() - make_interval(secs => $2), false) AS just_drawn,
+                COALESCE(d.tail, 0) AS tail, COALESCE(a.head, 0) AS head,
                 (SELECT count(*) FROM admissions s
                  WHERE s.event_id = $1 AND s.slot_until > now()) AS active
          FROM (SELECT $1::bigint AS event_id) e
@@ -522,12 +529,19 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
          LEFT JOIN admission_state a ON a.event_id = e.event_id",
     )
     .bind(event.get())
+    .bind(PUBLICATION_SECS as f64)
     .fetch_one(pg)
     .await?;
     let mut state = QueueState::of(&settings, line.drawn, line.head, line.tail, line.active);
     if line.drawn {
         let whole: Result<i64, _> = redis.client().exists(redis.keys(event).drawn()).await;
-        state.catching_up = !matches!(whole, Ok(1));
+        match whole {
+            Ok(1) => {}
+            // Redis answers, but the draw's queue is still on its way there.
+            Ok(_) if line.just_drawn => state.drawn = false,
+            // Out of reach, or being rebuilt after a loss.
+            _ => state.catching_up = true,
+        }
     }
     Ok(state)
 }

@@ -95,6 +95,19 @@ async fn redis(env: &TestEnv) -> Client {
     client
 }
 
+/// Waits until `event`'s draw has committed.
+async fn wait_for_draw(pg: &sqlx::PgPool, event: i64) {
+    eventually("the draw", || async {
+        sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
+            .bind(event)
+            .fetch_optional(pg)
+            .await
+            .expect("query")
+            == Some(true)
+    })
+    .await;
+}
+
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -179,15 +192,7 @@ async fn racing_instances_draw_once_and_lose_no_join() {
         assert_eq!(j["status"] == "buffered", phase == "presale", "{j}");
     }
 
-    eventually("the draw", || async {
-        sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
-            .bind(event)
-            .fetch_optional(&pg)
-            .await
-            .expect("query")
-            == Some(true)
-    })
-    .await;
+    wait_for_draw(&pg, event).await;
     // Late joiners get their position at once; presale joiners theirs from the published draw.
     let published: Value = http
         .get(format!("{}/api/v1/events/{event}/draw", instances[1].url()))
@@ -563,15 +568,7 @@ async fn the_sale_window_api_validates_values_and_guards_a_running_sale() {
     assert_eq!(answer.status(), 200);
 
     // After the draw, the sale's start is history.
-    eventually("the draw", || async {
-        sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
-            .bind(event)
-            .fetch_optional(&pg)
-            .await
-            .expect("query")
-            == Some(true)
-    })
-    .await;
+    wait_for_draw(&pg, event).await;
     let mut later = faster.clone();
     later["sale_starts_at"] = serde_json::json!(Utc::now() + chrono::Duration::minutes(5));
     let answer = http

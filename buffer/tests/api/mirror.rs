@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{assertion, eventually, insert_event_with, redis, start_buffer};
+use super::{assertion, eventually, insert_event_with, redis, start_buffer, wait_for_draw};
 use shared::testing::TestEnv;
 
 /// Presale entrants written straight to Postgres: enough that rebuilding takes a while.
@@ -141,15 +141,7 @@ async fn redis_losing_the_queue_again_and_again_loses_or_shares_no_place() {
         })
     };
 
-    eventually("the draw", || async {
-        sqlx::query_scalar::<_, bool>("SELECT drawn_at IS NOT NULL FROM draws WHERE event_id = $1")
-            .bind(event)
-            .fetch_optional(&pg)
-            .await
-            .expect("query")
-            == Some(true)
-    })
-    .await;
+    wait_for_draw(&pg, event).await;
 
     // Live arrivals through both instances, twenty at a time, while the losses go on.
     let answers: Vec<Value> = futures::future::join_all((0..LIVE).map(|i| {
