@@ -35,6 +35,12 @@ FAIRGATE_TEST_REDIS_URL="$cluster_url" cargo test -p fairgate-buffer -p fairgate
 fg_say "chaos smoke run"
 scripts/chaos.sh --smoke --debug
 
+# A sale operators can watch: a real Prometheus scrapes a small crowd sale with autotune on;
+# every dashboard query returns data, the alert rules load, a fan's request id crosses all three
+# services' logs (installs Debian's prometheus when missing).
+fg_say "observability check"
+scripts/observe.sh
+
 # The pages in a real browser (installs Debian's chromium and playwright-core if missing).
 if [ "${FAIRGATE_SKIP_BROWSER_TESTS:-0}" = 1 ]; then
   fg_say "skipping the browser tests (FAIRGATE_SKIP_BROWSER_TESTS=1)"

@@ -31,60 +31,15 @@ use uuid::Uuid;
 use crate::mirror::{self, Health, LineFacts};
 use crate::AppState;
 
-/// A committed draw's order (position 1 first), and an index from ticket to position built the
-/// first time someone asks (a presale fan re-presenting their ticket after the draw).
-pub struct DrawnOrder {
-    order: Vec<Uuid>,
-    by_ticket: tokio::sync::OnceCell<Vec<(Uuid, u32)>>,
-}
-
-impl DrawnOrder {
-    fn new(order: Vec<Uuid>) -> Self {
-        DrawnOrder {
-            order,
-            by_ticket: tokio::sync::OnceCell::new(),
-        }
-    }
-
-    pub fn tickets(&self) -> &[Uuid] {
-        &self.order
-    }
-
-    /// Where the draw placed `ticket` (`None`: not one of its entrants).
-    pub async fn position_of(self: &Arc<Self>, ticket: Uuid) -> Result<Option<i64>, ApiError> {
-        let index = self
-            .by_ticket
-            .get_or_try_init(|| {
-                let this = self.clone();
-                async move {
-                    tokio::task::spawn_blocking(move || {
-                        let mut index: Vec<(Uuid, u32)> = this
-                            .order
-                            .iter()
-                            .enumerate()
-                            .map(|(i, t)| (*t, i as u32 + 1))
-                            .collect();
-                        index.sort_unstable();
-                        index
-                    })
-                    .await
-                    .map_err(ApiError::internal)
-                }
-            })
-            .await?;
-        Ok(index
-            .binary_search_by(|(t, _)| t.cmp(&ticket))
-            .ok()
-            .map(|i| i64::from(index[i].1)))
-    }
-}
+pub use shared::draw::DrawnOrder;
+use shared::draw::{entrants, shuffle};
 
 /// What each instance remembers about draws: commitments and computed orders never change once
 /// made; rebuilding a Redis queue is done by one task at a time per instance.
 #[derive(Clone, Default)]
 pub struct DrawCache {
     commitments: Arc<Mutex<HashMap<EventId, [u8; 32]>>>,
-    orders: Arc<Mutex<HashMap<EventId, Arc<DrawnOrder>>>>,
+    orders: shared::draw::DrawnOrders,
     publishing: Arc<tokio::sync::Mutex<()>>,
     /// Per live event, the tail Postgres had at the previous mirror check.
     settled: Arc<Mutex<HashMap<EventId, i64>>>,
@@ -106,13 +61,8 @@ impl DrawCache {
             map.insert(event, commitment);
         }
     }
-    fn order(&self, event: EventId) -> Option<Arc<DrawnOrder>> {
-        self.orders.lock().ok()?.get(&event).cloned()
-    }
     fn put_order(&self, event: EventId, order: Arc<DrawnOrder>) {
-        if let Ok(mut map) = self.orders.lock() {
-            map.insert(event, order);
-        }
+        self.orders.put(event, order);
     }
 }
 
@@ -193,49 +143,10 @@ pub async fn run_draw(state: &AppState, event: EventId) -> Result<Option<usize>,
     Ok(Some(count))
 }
 
-/// The draw's entrants: every presale join but those who left before the draw. (Leaving after
-/// it never changes this set, so the order recomputes the same for ever.)
-async fn entrants<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    event: EventId,
-) -> Result<Vec<Uuid>, ApiError> {
-    Ok(sqlx::query_scalar(
-        "SELECT ticket_id FROM joins
-         WHERE event_id = $1 AND phase = 'presale' AND NOT left_before_draw",
-    )
-    .bind(event.get())
-    .fetch_all(db)
-    .await?)
-}
-
-async fn shuffle(seed: Seed, mut entrants: Vec<Uuid>) -> Result<Arc<DrawnOrder>, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        shared::draw::draw_order(&seed, &mut entrants);
-        Arc::new(DrawnOrder::new(entrants))
-    })
-    .await
-    .map_err(ApiError::internal)
-}
-
 /// The order of a committed draw (position 1 first), recomputed from Postgres on first use;
 /// `None` before the draw.
 pub async fn order(state: &AppState, event: EventId) -> Result<Option<Arc<DrawnOrder>>, ApiError> {
-    if let Some(order) = state.draws.order(event) {
-        return Ok(Some(order));
-    }
-    let row: Option<(Vec<u8>, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT seed, drawn_at FROM draws WHERE event_id = $1")
-            .bind(event.get())
-            .fetch_optional(&state.pg)
-            .await?;
-    let Some((seed, Some(_))) = row else {
-        return Ok(None);
-    };
-    let seed = Seed::from_slice(&seed).ok_or_else(|| ApiError::internal("bad stored seed"))?;
-    let entrants = entrants(&state.pg, event).await?;
-    let order = shuffle(seed, entrants).await?;
-    state.draws.put_order(event, order.clone());
-    Ok(Some(order))
+    state.draws.orders.get(&state.pg, event).await
 }
 
 /// Makes sure the committed draw's queue is whole in Redis (after the draw, or after Redis lost

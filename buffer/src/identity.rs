@@ -72,12 +72,14 @@ impl IdentityVerifier {
                 "the identity assertion is for another event".into(),
             ));
         }
-        Identity::new(format!("site:{}", claims.sub)).ok_or_else(|| {
-            ApiError::Unprocessable(
-                "identity_invalid",
-                "the identity's sub must be 1 to 195 printable characters".into(),
-            )
-        })
+        let sub = Some(claims.sub).filter(|s| !s.trim().is_empty());
+        sub.and_then(|sub| Identity::new(format!("site:{sub}")))
+            .ok_or_else(|| {
+                ApiError::Unprocessable(
+                    "identity_invalid",
+                    "the identity's sub must be 1 to 195 printable characters".into(),
+                )
+            })
     }
 }
 
@@ -139,6 +141,11 @@ mod tests {
         let mut no_iss = good.clone();
         no_iss.as_object_mut().expect("object").remove("iss");
         assert_eq!(code(token(SECRET, no_iss)), Err("identity_invalid"));
+        for blank in ["", "   "] {
+            let mut nobody = good.clone();
+            nobody["sub"] = serde_json::json!(blank);
+            assert_eq!(code(token(SECRET, nobody)), Err("identity_invalid"));
+        }
         let mut wrong_aud = good;
         wrong_aud["aud"] = serde_json::json!("fairgate:purchase");
         assert_eq!(code(token(SECRET, wrong_aud)), Err("identity_invalid"));

@@ -148,6 +148,8 @@ pub struct Wait {
     pub catching_up: usize,
     /// Times the socket had to be opened again.
     pub reconnects: usize,
+    /// Statuses telling the fan fewer places are left than fans ahead of them.
+    pub places_short: usize,
 }
 
 impl Wait {
@@ -170,6 +172,9 @@ impl Wait {
         }
         if status["phase"] == "catching_up" {
             self.catching_up += 1;
+        }
+        if status["places_left"].is_i64() {
+            self.places_short += 1;
         }
         self.statuses += 1;
         if self.first_status.is_none() {
@@ -265,13 +270,29 @@ pub struct Client {
     /// source address has towards one service).
     pub source: Option<Ipv4Addr>,
     patience: Patience,
+    /// Sent as `X-Request-Id` with every request and websocket of this client: one fan's
+    /// journey, followed through the three services' logs.
+    pub request_id: Option<String>,
 }
 
 pub type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// A websocket to `url` (`ws://host:port/…`) from `source`, with small buffers (as a browser's
 /// would be).
+/// The header carrying a request id across the services.
+pub const REQUEST_ID: &str = "x-request-id";
+
 pub async fn open_ws(url: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Socket> {
+    open_ws_as(url, source, None).await
+}
+
+/// [`open_ws`] sending `request_id` as `X-Request-Id`.
+pub async fn open_ws_as(
+    url: &str,
+    source: Option<Ipv4Addr>,
+    request_id: Option<&str>,
+) -> anyhow::Result<Socket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let authority = url
         .strip_prefix("ws://")
         .and_then(|rest| rest.split('/').next())
@@ -289,8 +310,14 @@ pub async fn open_ws(url: &str, source: Option<Ipv4Addr>) -> anyhow::Result<Sock
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_message_size(Some(64 * 1024));
+    let mut request = url.into_client_request()?;
+    if let Some(id) = request_id {
+        request
+            .headers_mut()
+            .insert(REQUEST_ID, reqwest::header::HeaderValue::from_str(id)?);
+    }
     let (socket, _) =
-        tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await?;
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
     Ok(socket)
 }
 
@@ -331,6 +358,7 @@ impl Client {
             endpoints,
             source,
             patience: Patience::default(),
+            request_id: None,
         })
     }
 
@@ -343,10 +371,11 @@ impl Client {
         self
     }
 
-    /// A clone counting its own retries (one fan's).
+    /// A clone counting its own retries (one fan's), with a request id of its own.
     pub fn counting_apart(&self) -> Client {
         let mut apart = self.clone();
         apart.patience.retries = Arc::new(AtomicU64::new(0));
+        apart.request_id = Some(format!("fan-{}", Uuid::new_v4().simple()));
         apart
     }
 
@@ -372,7 +401,11 @@ impl Client {
         let mut turn = self.next();
         loop {
             let base = self.endpoints.pick(service, turn);
-            let outcome = build(base).send().await;
+            let mut request = build(base);
+            if let Some(id) = &self.request_id {
+                request = request.header(REQUEST_ID, id);
+            }
+            let outcome = request.send().await;
             let patient = tokio::time::Instant::now() < deadline;
             let pause = match &outcome {
                 Ok(r) if patient && matches!(r.status().as_u16(), 429 | 503) => r
@@ -399,9 +432,10 @@ impl Client {
             .endpoints
             .pick(Service::Queue, self.next())
             .replacen("http", "ws", 1);
-        open_ws(
+        open_ws_as(
             &format!("{ws_base}/api/v1/events/{event}/ws?ticket={ticket}"),
             self.source,
+            self.request_id.as_deref(),
         )
         .await
         .context("opening the waiting-room websocket")
@@ -453,6 +487,26 @@ impl Client {
         created["id"]
             .as_i64()
             .ok_or_else(|| anyhow!("no id in {created}"))
+    }
+
+    /// Sets the event's autotune (`PUT /api/v1/operator/events/{id}/autotune`) as the
+    /// organizer; returns the queue's answer.
+    pub async fn set_autotune(
+        &self,
+        organizer_token: &str,
+        event: i64,
+        body: &Value,
+    ) -> anyhow::Result<Value> {
+        decode(
+            self.send(Service::Queue, false, |base| {
+                self.http
+                    .put(format!("{base}/api/v1/operator/events/{event}/autotune"))
+                    .bearer_auth(organizer_token)
+                    .json(body)
+            })
+            .await?,
+        )
+        .await
     }
 
     pub async fn join(&self, event: i64, ticket: Option<&str>) -> anyhow::Result<Joined> {
@@ -591,7 +645,9 @@ impl Client {
         loop {
             let message = tokio::time::timeout_at(deadline, socket.next())
                 .await
-                .map_err(|_| anyhow!("no pass in time"))?;
+                .map_err(|_| NoPassInTime {
+                    told_places_short: wait.places_short > 0,
+                })?;
             let message = match message {
                 Some(m) => m?,
                 None => bail!("the waiting room closed the socket before the pass"),
@@ -753,3 +809,11 @@ fn upgrade_refusal(e: anyhow::Error) -> anyhow::Error {
 #[derive(Debug, thiserror::Error)]
 #[error("sold out while waiting")]
 pub struct SoldOut;
+
+/// The fan's time ran out before their turn.
+#[derive(Debug, thiserror::Error)]
+#[error("no pass in time{}", if *.told_places_short { " (told fewer places were left than fans ahead)" } else { "" })]
+pub struct NoPassInTime {
+    /// The waiting room had said fewer places were left than fans ahead of this one.
+    pub told_places_short: bool,
+}

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -68,6 +69,20 @@ pub struct CrowdConfig {
     /// and a dropped waiting-room socket, as a real page does (zero: never).
     #[serde(default)]
     pub patience: Duration,
+    /// Switch autotune on for the event with these settings (`crowd --autotune`).
+    #[serde(default)]
+    pub autotune: Option<AutotuneSpec>,
+}
+
+/// Autotune's target and bounds, as the queue's `PUT …/autotune` takes them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AutotuneSpec {
+    pub target_p99_ms: i32,
+    pub target_error_rate: f64,
+    pub rate_floor: i32,
+    pub rate_ceiling: i32,
+    pub cap_floor: i32,
+    pub cap_ceiling: i32,
 }
 
 /// Latency percentiles of one step, in milliseconds.
@@ -95,6 +110,12 @@ pub struct Report {
     pub heads_went_back: usize,
     /// Waiting-room statuses saying the room was catching up after an interruption.
     pub catching_up_statuses: usize,
+    /// Fans told, while waiting, that fewer places were left than fans ahead of them.
+    #[serde(default)]
+    pub told_places_short: usize,
+    /// Of them, fans who gave up at their time limit without a pass.
+    #[serde(default)]
+    pub gave_up_places_short: usize,
     pub admitted: usize,
     pub bought: usize,
     pub seats_sold: i64,
@@ -161,6 +182,9 @@ pub struct FanResult {
     pub place_changed: bool,
     pub head_went_back: bool,
     catching_up: usize,
+    places_short: bool,
+    /// Gave up waiting after being told places were short.
+    gave_up: bool,
     /// The fan's claim or wait was refused as lapsed although they were waiting for it.
     pub lapsed_while_waiting: bool,
     /// Retries the fan's page made.
@@ -257,9 +281,18 @@ pub async fn create(client: &Client, config: &CrowdConfig) -> anyhow::Result<i64
             { "name": STANDING, "capacity": standing, "price_cents": 3_000 }
         ]);
     }
-    client
+    let event = client
         .create_event_with(&config.organizer_token, &spec, extra)
-        .await
+        .await?;
+    if let Some(tune) = &config.autotune {
+        let mut body = serde_json::to_value(tune)?;
+        body["enabled"] = serde_json::Value::Bool(true);
+        client
+            .set_autotune(&config.organizer_token, event, &body)
+            .await
+            .context("switching autotune on")?;
+    }
+    Ok(event)
 }
 
 /// Runs fans `fans` (indices into the whole crowd, which fix each fan's behaviour) of the sale
@@ -522,6 +555,16 @@ async fn fan(
             result.sold_out = true;
             return Ok(());
         }
+        // Told that fewer places were left than fans ahead, the fan gave up at their time
+        // limit, as a real one would: an honest answer, not an error.
+        Err(e)
+            if e.downcast_ref::<crate::client::NoPassInTime>()
+                .is_some_and(|n| n.told_places_short) =>
+        {
+            result.places_short = true;
+            result.gave_up = true;
+            return Ok(());
+        }
         Err(e) => {
             result.lapsed_while_waiting = refused(&e).is_some_and(|r| r.code == "admission_lapsed");
             return Err(e);
@@ -532,6 +575,7 @@ async fn fan(
         || matches!((joined.position, wait.first_position), (Some(a), Some(b)) if a != b);
     result.head_went_back = wait.head_went_back;
     result.catching_up = wait.catching_up;
+    result.places_short = wait.places_short > 0;
     result.wait_ms = Some(ms(t));
     result.admitted_after = Some(started.elapsed());
     shared.progress.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -890,6 +934,8 @@ pub async fn report(
         places_changed,
         heads_went_back,
         catching_up_statuses: results.iter().map(|r| r.catching_up).sum(),
+        told_places_short: results.iter().filter(|r| r.places_short).count(),
+        gave_up_places_short: results.iter().filter(|r| r.gave_up).count(),
         admitted: admitted.len(),
         bought: results.iter().filter(|r| r.bought_seats > 0).count(),
         seats_sold,

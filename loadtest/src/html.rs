@@ -43,6 +43,101 @@ fn line_chart(title: &str, y_label: &str, points: &[(u32, usize)]) -> anyhow::Re
     Ok(svg)
 }
 
+/// Seconds per point of the rate-against-latency chart.
+const BUCKET_SECS: u32 = 5;
+
+/// Per [`BUCKET_SECS`]: admissions per minute, and the p99 of holds and checkouts (ms) where
+/// there were any.
+pub fn rate_and_latency(
+    admissions: &[(u32, usize)],
+    purchases: &[&[(f32, f32)]],
+) -> Vec<(u32, f64, Option<f64>)> {
+    let last = admissions
+        .iter()
+        .map(|p| p.0)
+        .chain(purchases.iter().flat_map(|s| s.iter().map(|p| p.0 as u32)))
+        .max()
+        .unwrap_or(0);
+    let buckets = (last / BUCKET_SECS + 1) as usize;
+    let mut admitted = vec![0usize; buckets];
+    for (second, n) in admissions {
+        admitted[(second / BUCKET_SECS) as usize] += n;
+    }
+    let mut latencies: Vec<Vec<f32>> = vec![Vec::new(); buckets];
+    for (second, ms) in purchases.iter().flat_map(|s| s.iter()) {
+        latencies[(*second as u32 / BUCKET_SECS) as usize].push(*ms);
+    }
+    admitted
+        .into_iter()
+        .zip(latencies)
+        .enumerate()
+        .map(|(i, (n, mut ms))| {
+            ms.sort_by(f32::total_cmp);
+            let p99 = (!ms.is_empty()).then(|| {
+                let rank = ((ms.len() as f64 * 0.99).ceil() as usize).clamp(1, ms.len());
+                f64::from(ms[rank - 1])
+            });
+            (
+                i as u32 * BUCKET_SECS,
+                n as f64 * 60.0 / f64::from(BUCKET_SECS),
+                p99,
+            )
+        })
+        .collect()
+}
+
+/// Admission rate (left axis) against the p99 of holds and checkouts (right axis) over time:
+/// what autotune steers by, and what it steers.
+fn rate_latency_chart(points: &[(u32, f64, Option<f64>)]) -> anyhow::Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let x_max = points.iter().map(|p| p.0).max().unwrap_or(1).max(1);
+        let rate_max = points.iter().map(|p| p.1).fold(1.0, f64::max);
+        let ms_max = points.iter().filter_map(|p| p.2).fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Admission rate against purchase latency",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .right_y_label_area_size(64)
+            .build_cartesian_2d(0u32..x_max, 0f64..rate_max * 1.1)?
+            .set_secondary_coord(0u32..x_max, 0f64..ms_max * 1.1);
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the crowd started")
+            .y_desc("admitted per minute")
+            .draw()?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("hold + checkout p99 (ms)")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &BLUE))?
+            .label("admitted per minute")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        let red = RGBColor(200, 30, 30);
+        chart
+            .draw_secondary_series(LineSeries::new(
+                points.iter().filter_map(|p| Some((p.0, p.2?))),
+                &red,
+            ))?
+            .label("hold + checkout p99 (ms)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], red));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
 /// One step's latencies: its name, (seconds, ms) points and colour.
 type Series<'a> = (&'a str, &'a [(f32, f32)], RGBColor);
 
@@ -125,6 +220,13 @@ figure {{ margin: 1.5rem 0; }} svg {{ max-width: 100%; height: auto; }}
         ("found it sold out", r.sold_out.to_string()),
         ("errors", r.errors.to_string()),
         (
+            "fans told fewer places were left than fans ahead",
+            format!(
+                "{} ({} gave up at their time limit)",
+                r.told_places_short, r.gave_up_places_short
+            ),
+        ),
+        (
             "admission rate (configured / achieved)",
             format!(
                 "{} / {:.0} per minute",
@@ -177,6 +279,10 @@ figure {{ margin: 1.5rem 0; }} svg {{ max-width: 100%; height: auto; }}
             "fans admitted",
             &r.timeline.admissions_per_second,
         )?,
+        rate_latency_chart(&rate_and_latency(
+            &r.timeline.admissions_per_second,
+            &[&r.timeline.hold_ms, &r.timeline.checkout_ms],
+        ))?,
         latency_chart(&[
             ("join", &r.timeline.join_ms, BLUE),
             ("hold", &r.timeline.hold_ms, RGBColor(230, 120, 0)),
@@ -190,4 +296,20 @@ figure {{ margin: 1.5rem 0; }} svg {{ max-width: 100%; height: auto; }}
     }
     writeln!(html, "</body></html>")?;
     Ok(html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_latency_share_buckets() {
+        let admissions = [(0, 5), (4, 5), (5, 1)];
+        let holds = [(1.0, 10.0), (2.0, 30.0), (6.5, 7.0)];
+        let checkouts = [(3.0, 20.0)];
+        let points = rate_and_latency(&admissions, &[&holds, &checkouts]);
+        assert_eq!(points, vec![(0, 120.0, Some(30.0)), (5, 12.0, Some(7.0))]);
+        let quiet = rate_and_latency(&[(12, 1)], &[]);
+        assert_eq!(quiet.last(), Some(&(10, 12.0, None)));
+    }
 }

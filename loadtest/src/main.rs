@@ -121,6 +121,28 @@ struct Args {
     /// list) and a dropped waiting-room socket; 0: never (every such answer is an error).
     #[arg(long, default_value_t = 30)]
     patience_secs: u64,
+    /// Create the event with autotune on: admission follows the shop's measured health,
+    /// starting from `--rate-per-minute` and `--max-active`, within the bounds below.
+    #[arg(long)]
+    autotune: bool,
+    /// Autotune's target: hold and checkout p99 at most this many milliseconds.
+    #[arg(long, default_value_t = 500)]
+    autotune_target_ms: i32,
+    /// Autotune's target share of failed (5xx) pass holders' requests.
+    #[arg(long, default_value_t = 0.001)]
+    autotune_error_rate: f64,
+    /// Autotune's floor for the cap on active shoppers.
+    #[arg(long, default_value_t = 50)]
+    autotune_cap_floor: i32,
+    /// Autotune's ceiling for the cap (default: the starting cap).
+    #[arg(long)]
+    autotune_cap_ceiling: Option<i32>,
+    /// Autotune's floor for the admission rate per minute.
+    #[arg(long, default_value_t = 60)]
+    autotune_rate_floor: i32,
+    /// Autotune's ceiling for the rate (default: the starting rate).
+    #[arg(long)]
+    autotune_rate_ceiling: Option<i32>,
     /// Postgres URL, to check the invariants after the sale (skipped if unset).
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
@@ -187,7 +209,26 @@ async fn main() -> anyhow::Result<()> {
         progress: !args.quiet,
         identity_secret: args.identity_secret,
         patience: Duration::from_secs(args.patience_secs),
+        autotune: None,
     };
+    let mut config = config;
+    if args.autotune {
+        let ceiling = |v: i64| v.clamp(1, 1_000_000) as i32;
+        let cap_ceiling = args
+            .autotune_cap_ceiling
+            .unwrap_or(ceiling(config.max_active));
+        let rate_ceiling = args
+            .autotune_rate_ceiling
+            .unwrap_or(ceiling(config.rate_per_minute));
+        config.autotune = Some(fairgate_loadtest::crowd::AutotuneSpec {
+            target_p99_ms: args.autotune_target_ms,
+            target_error_rate: args.autotune_error_rate,
+            rate_floor: args.autotune_rate_floor.min(rate_ceiling),
+            rate_ceiling,
+            cap_floor: args.autotune_cap_floor.min(cap_ceiling),
+            cap_ceiling,
+        });
+    }
     let endpoints = config.endpoints.clone();
     let report = if workers > 1 {
         workers::run(config, workers).await?
@@ -376,8 +417,8 @@ fn print_summary(r: &crowd::Report) {
     );
     println!("seats {}  sold {}", r.seats, r.seats_sold);
     println!(
-        "retries absorbed by the fans' pages {}  catching-up statuses {}",
-        r.transient_retries, r.catching_up_statuses
+        "retries absorbed by the fans' pages {}  catching-up statuses {}  told places were short {} (gave up {})",
+        r.transient_retries, r.catching_up_statuses, r.told_places_short, r.gave_up_places_short
     );
     println!(
         "joined after the draw {}  left the line {}  misbehaving {}",

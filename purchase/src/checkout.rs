@@ -153,25 +153,31 @@ async fn checkout(
                 attempt,
             } => (hold, payment_key, total, attempt),
         };
-    let result =
-        charge_and_commit(&state, &buyer, &key, &request, &hold, &payment_key, total).await;
-    match result {
-        Ok(done) => Ok(answer(&state, done.status, done.body)),
-        Err(e) => {
-            // Nothing was decided (the provider did not answer, or the order's outcome is
-            // unknown): the key and the hold go back, so a retry runs again — unless another
-            // attempt or reconciliation has taken the payment over meanwhile.
-            let attempt = Attempt {
-                hold_id: request.hold_id,
-                jti: buyer.jti,
-                key: &key,
-                payment_key: &payment_key,
-                attempt,
-            };
-            give_back(&state.pg, &attempt).await?;
-            Err(e)
+    // The charge and the order run to their end in a task of their own: a request that times
+    // out (or a client that hangs up) must not cut a checkout between the provider's answer and
+    // its record. The key's answer is stored either way, and a retry with the key gets it.
+    let finishing = tokio::spawn(async move {
+        let result =
+            charge_and_commit(&state, &buyer, &key, &request, &hold, &payment_key, total).await;
+        match result {
+            Ok(done) => Ok(answer(&state, done.status, done.body)),
+            Err(e) => {
+                // Nothing was decided (the provider did not answer, or the order's outcome is
+                // unknown): the key and the hold go back, so a retry runs again — unless another
+                // attempt or reconciliation has taken the payment over meanwhile.
+                let attempt = Attempt {
+                    hold_id: request.hold_id,
+                    jti: buyer.jti,
+                    key: &key,
+                    payment_key: &payment_key,
+                    attempt,
+                };
+                give_back(&state.pg, &attempt).await?;
+                Err(e)
+            }
         }
-    }
+    });
+    finishing.await.map_err(ApiError::internal)?
 }
 
 /// One attempt at paying for a hold under a key: the lease it holds on the key's payment.
@@ -380,6 +386,9 @@ async fn charge_and_commit(
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "payment provider call failed");
+            metrics::counter!("fairgate_payments_total", "event" => buyer.event.to_string(),
+                "outcome" => "provider_error")
+            .increment(1);
             ApiError::Unavailable(
                 "payment_unavailable",
                 "the payment provider did not answer; retry with the same Idempotency-Key".into(),
@@ -429,6 +438,13 @@ pub(crate) async fn settle(
         hold_id,
         payment_key,
     };
+    let outcome_label = match &outcome {
+        ChargeOutcome::Declined { .. } => "declined",
+        ChargeOutcome::Succeeded { .. } => "succeeded",
+    };
+    metrics::counter!("fairgate_payments_total", "event" => buyer.event.to_string(),
+        "outcome" => outcome_label)
+    .increment(1);
     let reference = match outcome {
         ChargeOutcome::Declined { code, message } => {
             let declined = Final::error(&ApiError::PaymentRequired(
@@ -456,6 +472,10 @@ pub(crate) async fn settle(
             // was the last place, in the order's own transaction (migration 0028).
             crate::live::seats_changed(state, buyer.event, &hold.seat_ids, "sold");
             metrics::counter!("purchase_orders_total").increment(1);
+            let event = buyer.event.to_string();
+            metrics::counter!("fairgate_orders_total", "event" => event.clone()).increment(1);
+            metrics::counter!("fairgate_revenue_cents_total", "event" => event)
+                .increment(total.max(0) as u64);
             Ok(done)
         }
         Err(refused) if refused.status().is_client_error() => {

@@ -116,6 +116,10 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_CHECKOUT_WRITERS", default_value_t = 1)]
     pub checkout_writers: usize,
 
+    /// How often this instance publishes its health per event to Redis, for autotune.
+    #[arg(long, env = "FAIRGATE_HEALTH_REPORT_MS", default_value_t = 1000)]
+    pub health_report_ms: u64,
+
     /// How often the outbox relay looks for new notices to push to fans, in milliseconds.
     #[arg(long, env = "FAIRGATE_OUTBOX_RELAY_MS", default_value_t = 250)]
     pub outbox_relay_ms: u64,

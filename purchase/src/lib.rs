@@ -10,6 +10,7 @@ pub mod begin_writer;
 pub mod catalog;
 pub mod checkout;
 pub mod config;
+pub mod health;
 pub mod hold_writer;
 pub mod live;
 pub mod order_writer;
@@ -71,6 +72,8 @@ pub struct State {
     /// Seat-map reads running at once (a 100,000-seat map is a long read: a crowd of them must
     /// not take every pooled connection from holds and checkouts).
     pub seat_map_reads: Arc<tokio::sync::Semaphore>,
+    /// Latency and errors of pass holders' requests per event, published for autotune.
+    pub health: health::HealthBook,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -91,6 +94,10 @@ pub fn app(state: AppState) -> Router {
         .merge(orders::router())
         .merge(stripe::router())
         .merge(pages::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            health::track,
+        ))
         .with_state(state);
     shared::server::finish(routes, backends, &common)
 }
@@ -152,6 +159,7 @@ pub async fn start_with(
         payments,
         orders: orders::OrderKeys::new(config.order_secret.as_deref())?,
         live,
+        health: health::HealthBook::default(),
         seat_map_reads: Arc::new(tokio::sync::Semaphore::new(config.seat_map_reads.max(1))),
         order_writer: order_writer::OrderWriter::start(pg.clone(), config.order_writers),
         hold_writer: hold_writer::HoldWriter::start(pg.clone(), config.hold_writers),
@@ -184,6 +192,11 @@ pub async fn start_with(
     running.spawn(passgate::run_refresher(
         state.passes.clone(),
         Duration::from_secs(state.config.jwks_refresh_secs.max(1)),
+        shutdown.clone(),
+    ));
+    running.spawn(health::run_reporter(
+        state.clone(),
+        Duration::from_millis(state.config.health_report_ms.max(100)),
         shutdown.clone(),
     ));
     running.spawn(seats::run_hold_sweeper(state.clone(), shutdown));

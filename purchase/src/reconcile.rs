@@ -114,6 +114,9 @@ async fn settle_payments(state: &AppState) -> Result<usize, ApiError> {
         .bind(&payment_key)
         .fetch_one(&state.pg)
         .await?;
+        metrics::counter!("fairgate_reconciliations_total",
+            "event" => payment.event_id.map(|e| e.to_string()).unwrap_or_default())
+        .increment(1);
         if payment.status == "refunding" {
             // Decided already; only the provider's refund is missing.
             if let Some(reference) = &payment.provider_ref {

@@ -165,6 +165,7 @@ pub async fn refund_order(
         }
     };
     metrics::counter!("purchase_refunds_total").increment(1);
+    metrics::counter!("fairgate_refunds_total", "event" => event.to_string()).increment(1);
     Ok(Refunded {
         order_id,
         status: status.into(),

@@ -318,6 +318,12 @@ async fn webhook(
     }
     let event: WebhookEvent = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest("malformed_json", e.to_string()))?;
+    if !(1..=255).contains(&event.id.chars().count()) {
+        return Err(ApiError::Unprocessable(
+            "invalid_field",
+            "id: a webhook event's id must be 1 to 255 characters".into(),
+        ));
+    }
     let stored = sqlx::query(
         "INSERT INTO provider_events (provider, event_id, kind, payload)
          VALUES ('stripe', $1, $2, $3) ON CONFLICT DO NOTHING",

@@ -116,6 +116,8 @@ pub struct Tick {
     pub tail: i64,
     /// Active slots after the tick.
     pub active: i64,
+    /// Places not sold, as the leader last counted them.
+    pub places_left: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -124,6 +126,9 @@ struct Held {
     credit: f64,
     ticked_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
+    admit_limit: Option<i64>,
+    rate_factor: f64,
+    places_left: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -135,6 +140,8 @@ struct Line {
     max_active: i32,
     claim_window_secs: i32,
     active: i64,
+    /// Active shoppers who may still take an available place (see `crate::steer`).
+    fresh: i64,
 }
 
 /// One admission step for `event`, decided and committed in Postgres. `None` when there is
@@ -148,7 +155,7 @@ pub async fn tick(
 ) -> Result<Option<Tick>, sqlx::Error> {
     let mut tx = pg.begin().await?;
     let held: Option<Held> = sqlx::query_as(
-        "SELECT head, credit, ticked_at, now() AS now,
+        "SELECT head, credit, ticked_at, now() AS now, admit_limit, rate_factor, places_left,
                 set_config('idle_in_transaction_session_timeout', $2, true)
          FROM admission_state WHERE event_id = $1 FOR UPDATE SKIP LOCKED",
     )
@@ -163,11 +170,17 @@ pub async fn tick(
     let line: Line = sqlx::query_as(
         "SELECT d.tail, e.paused, e.sold_out_at IS NOT NULL AS sold_out, e.rate_per_minute,
                 e.max_active, e.claim_window_secs,
-                (SELECT count(*) FROM admissions a
-                 WHERE a.event_id = $1 AND a.slot_until > now()) AS active
-         FROM events e JOIN draws d ON d.event_id = e.id WHERE e.id = $1",
+                a.active, a.fresh
+         FROM events e JOIN draws d ON d.event_id = e.id
+         CROSS JOIN LATERAL (
+             SELECT count(*) AS active,
+                    count(*) FILTER (WHERE ticket_id IS NULL
+                                       OR claimed_at > now() - make_interval(secs => $2)) AS fresh
+             FROM admissions WHERE event_id = $1 AND slot_until > now()) a
+         WHERE e.id = $1",
     )
     .bind(event.get())
+    .bind(crate::steer::FRESH_SHOPPER_SECS as f64)
     .fetch_one(&mut *tx)
     .await?;
 
@@ -178,13 +191,21 @@ pub async fn tick(
             .min(longest_gap),
         None => Duration::ZERO,
     };
-    let credit = held.credit + f64::from(line.rate_per_minute) * gap.as_secs_f64() / 60.0;
+    // No-show compensation: the rate is of shoppers who come; admissions that lapse unclaimed
+    // are made up for by admitting `rate_factor` places per shopper wanted.
+    let rate = f64::from(line.rate_per_minute) * held.rate_factor.clamp(1.0, 3.0);
+    let credit = held.credit + rate * gap.as_secs_f64() / 60.0;
     let wanted = if line.paused || line.sold_out {
         0
     } else {
         credit.floor() as i64
     };
-    let room = (i64::from(line.max_active) - line.active).max(0);
+    // The cap, and no more fresh shoppers than the places available can serve.
+    let by_cap = i64::from(line.max_active) - line.active;
+    let by_places = held
+        .admit_limit
+        .map_or(i64::MAX, |limit| limit - line.fresh);
+    let room = by_cap.min(by_places).max(0);
     let (admitted, head) =
         next_places(&mut tx, event, held.head, line.tail, wanted.min(room)).await?;
     if !admitted.is_empty() {
@@ -216,6 +237,7 @@ pub async fn tick(
         admitted,
         head,
         tail: line.tail,
+        places_left: held.places_left,
     }))
 }
 
@@ -273,6 +295,8 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
     let mut led: HashSet<EventId> = HashSet::new();
     let mut events: Vec<SaleEvent> = Vec::new();
     let mut events_read = Instant::now() - Duration::from_secs(60);
+    let steer_every = Duration::from_millis(state.config.steer_ms.max(100));
+    let mut steered = Instant::now() - steer_every;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -291,6 +315,15 @@ pub async fn run(state: AppState, shutdown: CancellationToken) -> anyhow::Result
         for event in &events {
             if let Err(e) = admit_tick(&state, &instance, event, &mut led).await {
                 tracing::warn!(event = event.id, error = %e, "admission tick failed");
+            }
+        }
+        if steered.elapsed() >= steer_every {
+            steered = Instant::now();
+            for event in &events {
+                let leading = led.contains(&event.event_id());
+                if let Err(e) = crate::steer::steer(&state, event, leading).await {
+                    tracing::warn!(event = event.id, error = %e, "steering pass failed");
+                }
             }
         }
     }
@@ -315,6 +348,8 @@ async fn admit_tick(
     }
     if led.insert(id) {
         tracing::info!(event = %id, "leading admissions");
+        // Sized to the places left before the first admission, not a steering pass later.
+        crate::steer::steer(state, event, true).await?;
     }
     // A handover after a leader died (its lease running out) is caught up on, so the rate holds
     // over the minute; a longer silence (Redis out of reach for a while) is not made up in a burst.
@@ -335,7 +370,8 @@ async fn admit_tick(
             vec![done.head, done.active],
         )
         .await?;
-    let snapshot = QueueState::of(event, true, done.head, done.tail, done.active);
+    let mut snapshot = QueueState::of(event, true, done.head, done.tail, done.active);
+    snapshot.places_left = done.places_left;
     let payload = serde_json::to_string(&snapshot)?;
     let _: i64 = state
         .redis

@@ -24,6 +24,21 @@ pub struct Config {
     #[arg(long, env = "FAIRGATE_LEADER_LEASE_MS", default_value_t = 3000)]
     pub leader_lease_ms: u64,
 
+    /// How often each instance reads the line's figures (gauges) and the leader steers
+    /// admission (places left, no-shows, autotune), in milliseconds.
+    #[arg(long, env = "FAIRGATE_STEER_MS", default_value_t = 1000)]
+    pub steer_ms: u64,
+
+    /// Age past which a purchase instance's health report counts as silent (autotune then
+    /// treats the shop as unhealthy), in milliseconds.
+    #[arg(long, env = "FAIRGATE_HEALTH_FRESH_MS", default_value_t = 3000)]
+    pub health_fresh_ms: u64,
+
+    /// The organizer's token (`Bearer`): besides operators, the organizer may switch an event's
+    /// autotune on or off and set its target and bounds.
+    #[arg(long, env = "FAIRGATE_ORGANIZER_TOKEN", hide_env_values = true)]
+    pub organizer_token: Option<String>,
+
     /// How often each instance re-reads queue state from Redis, besides pub/sub, in ms.
     #[arg(long, env = "FAIRGATE_REFRESH_MS", default_value_t = 1000)]
     pub refresh_ms: u64,
@@ -36,6 +51,12 @@ pub struct Config {
     /// Most open websockets per ticket (tabs); more are refused with 429.
     #[arg(long, env = "FAIRGATE_MAX_SOCKETS_PER_TICKET", default_value_t = 4)]
     pub max_sockets_per_ticket: usize,
+
+    /// How often each instance renews its sockets' count in Redis (and closes any over a
+    /// ticket's limit, opened while Redis had lost the count), in milliseconds; at most a
+    /// third of the 60 s lease.
+    #[arg(long, env = "FAIRGATE_SOCKET_RENEW_MS", default_value_t = 20_000)]
+    pub socket_renew_ms: u64,
 
     /// Most open websockets on this instance (each is a file descriptor; the process limit here
     /// is 20,000): more are refused with 503 so a balancer or retry finds another instance.

@@ -61,6 +61,9 @@ pub struct QueueState {
     /// places cannot be looked up for a moment.
     #[serde(default)]
     pub catching_up: bool,
+    /// Places not sold yet (available or held), as the admission leader last counted them.
+    #[serde(default)]
+    pub places_left: Option<i64>,
     /// Milliseconds since the epoch when this was read.
     pub at_ms: i64,
 }
@@ -80,6 +83,7 @@ impl QueueState {
             message: event.message.clone(),
             sold_out: event.sold_out_at.is_some(),
             catching_up: false,
+            places_left: None,
             at_ms: Utc::now().timestamp_millis(),
         }
     }
@@ -95,6 +99,9 @@ pub struct Notice {
     pub rate_per_minute: i64,
     pub sold_out: bool,
     pub catching_up: bool,
+    /// Fewer places left than fans waiting: every waiter hears it at once (the count itself
+    /// follows in their paced updates).
+    pub places_short: bool,
 }
 
 impl Notice {
@@ -106,6 +113,9 @@ impl Notice {
             rate_per_minute: state.rate_per_minute,
             sold_out: state.sold_out,
             catching_up: state.catching_up,
+            places_short: state
+                .places_left
+                .is_some_and(|left| left < (state.tail - state.head).max(0)),
         }
     }
 }
@@ -143,6 +153,8 @@ struct HubInner {
     /// This instance's id, naming its sockets in Redis.
     instance: String,
     next_socket: AtomicU64,
+    /// The most sockets per ticket, as the sockets were opened with (for the renewal).
+    per_ticket: std::sync::atomic::AtomicUsize,
 }
 
 /// The sockets open on this instance.
@@ -150,8 +162,9 @@ struct HubInner {
 struct Sockets {
     total: usize,
     per_ticket: HashMap<TicketId, usize>,
-    /// Each open socket's Redis member, by event, with its ticket (renewed together).
-    members: HashMap<EventId, HashMap<String, TicketId>>,
+    /// Each open socket's Redis member, by event, with its ticket (renewed together) and what
+    /// closes it if it turns out to be over its ticket's limit.
+    members: HashMap<EventId, HashMap<String, (TicketId, CancellationToken)>>,
 }
 
 /// How long a socket counts for its ticket in Redis unless its instance renews it.
@@ -181,15 +194,31 @@ return 1
 static SOCKET_RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::from_lua(
         r#"
--- KEYS: tickets' socket sets   ARGV: lease ms, then one member per key
--- Renews (or, after Redis lost them, restores) this instance's open sockets.
+-- KEYS: tickets' socket sets   ARGV: lease ms, most sockets, then one member per key
+-- Renews (or, after Redis lost them, restores) this instance's open sockets. Returns the
+-- members of this instance over their ticket's limit: the newest (members begin with their
+-- opening time), which sockets opened while the set was lost (counted per instance) leave.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local most = tonumber(ARGV[2])
+local over = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('ZADD', key, now + tonumber(ARGV[1]), ARGV[i + 2])
   redis.call('PEXPIRE', key, ARGV[1])
 end
-return #KEYS
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) > most then
+    local members = redis.call('ZRANGE', key, 0, -1)
+    table.sort(members)
+    for rank = most + 1, #members do
+      if members[rank] == ARGV[i + 2] then
+        table.insert(over, ARGV[i + 2])
+      end
+    end
+  end
+end
+return over
 "#,
     )
 });
@@ -213,6 +242,7 @@ impl Hub {
                 sockets: Mutex::default(),
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 next_socket: AtomicU64::new(0),
+                per_ticket: std::sync::atomic::AtomicUsize::new(usize::MAX),
             }),
         }
     }
@@ -299,14 +329,17 @@ impl Hub {
         per_ticket: usize,
         total: usize,
     ) -> Result<SocketGuard, SocketRefused> {
+        self.inner.per_ticket.store(per_ticket, Ordering::Relaxed);
         {
             let sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
             if sockets.total >= total {
                 return Err(SocketRefused::InstanceFull);
             }
         }
+        // Opening time first: the renewal tells the newest sockets from the oldest by name.
         let member = format!(
-            "{}:{}",
+            "{:015}:{}:{}",
+            Utc::now().timestamp_millis(),
             self.inner.instance,
             self.inner.next_socket.fetch_add(1, Ordering::Relaxed)
         );
@@ -344,18 +377,37 @@ impl Hub {
         }
         *count += 1;
         sockets.total += 1;
+        let evicted = CancellationToken::new();
         sockets
             .members
             .entry(event)
             .or_default()
-            .insert(member.clone(), ticket);
+            .insert(member.clone(), (ticket, evicted.clone()));
         metrics::gauge!("queue_websockets_open").increment(1.0);
         Ok(SocketGuard {
             hub: self.clone(),
             event,
             ticket,
             member,
+            evicted,
         })
+    }
+
+    /// Closes this instance's sockets over their ticket's limit (opened while Redis had lost
+    /// the ticket's set and each instance counted its own).
+    fn evict(&self, event: EventId, over: &[String]) {
+        if over.is_empty() {
+            return;
+        }
+        let sockets = self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(members) = sockets.members.get(&event) {
+            for member in over {
+                if let Some((_, evicted)) = members.get(member) {
+                    evicted.cancel();
+                    metrics::counter!("queue_websockets_evicted_total").increment(1);
+                }
+            }
+        }
     }
 
     /// Stops counting a socket in Redis (in the background: a closing socket never waits).
@@ -369,9 +421,15 @@ impl Hub {
         });
     }
 
-    /// Renews this instance's sockets in Redis every third of their lease, until `shutdown`.
-    pub async fn run_socket_renewal(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(SOCKET_LEASE / 3);
+    /// Renews this instance's sockets in Redis every `every` (at most a third of their lease),
+    /// until `shutdown`; sockets over their ticket's limit are closed.
+    pub async fn run_socket_renewal(
+        self,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut tick =
+            tokio::time::interval(every.clamp(Duration::from_millis(100), SOCKET_LEASE / 3));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -387,7 +445,7 @@ impl Hub {
                         let keys = self.inner.redis.keys(*event);
                         let members = members
                             .iter()
-                            .map(|(m, t)| (keys.sockets(&t.to_string()), m.clone()))
+                            .map(|(m, (t, _))| (keys.sockets(&t.to_string()), m.clone()))
                             .collect();
                         (*event, members)
                     })
@@ -397,13 +455,17 @@ impl Hub {
                 for chunk in members.chunks(500) {
                     let (keys, mut args): (Vec<String>, Vec<String>) =
                         chunk.iter().cloned().unzip();
+                    args.insert(0, self.inner.per_ticket.load(Ordering::Relaxed).to_string());
                     args.insert(0, SOCKET_LEASE.as_millis().to_string());
-                    let renewed: Result<i64, _> = SOCKET_RENEW
+                    let renewed: Result<Vec<String>, _> = SOCKET_RENEW
                         .evalsha_with_reload(self.inner.redis.client(), keys, args)
                         .await;
-                    if let Err(e) = renewed {
-                        tracing::warn!(event = %event, error = %e, "could not renew open sockets");
-                        break;
+                    match renewed {
+                        Ok(over) => self.evict(event, &over),
+                        Err(e) => {
+                            tracing::warn!(event = %event, error = %e, "could not renew open sockets");
+                            break;
+                        }
                     }
                 }
             }
@@ -461,6 +523,14 @@ pub struct SocketGuard {
     event: EventId,
     ticket: TicketId,
     member: String,
+    evicted: CancellationToken,
+}
+
+impl SocketGuard {
+    /// Fires when this socket is one too many for its ticket across instances.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await;
+    }
 }
 
 impl Drop for SocketGuard {
@@ -506,6 +576,7 @@ struct Line {
     head: i64,
     tail: i64,
     active: i64,
+    places_left: Option<i64>,
 }
 
 /// How long after the draw a mirror that is not whole yet is the draw's own publication (the
@@ -521,7 +592,7 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
     let line: Line = sqlx::query_as(
         "SELECT d.drawn_at IS NOT NULL AS drawn,
                 COALESCE(d.drawn_at > now() - make_interval(secs => $2), false) AS just_drawn,
-                COALESCE(d.tail, 0) AS tail, COALESCE(a.head, 0) AS head,
+                COALESCE(d.tail, 0) AS tail, COALESCE(a.head, 0) AS head, a.places_left,
                 (SELECT count(*) FROM admissions s
                  WHERE s.event_id = $1 AND s.slot_until > now()) AS active
          FROM (SELECT $1::bigint AS event_id) e
@@ -533,7 +604,11 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
     .fetch_one(pg)
     .await?;
     let mut state = QueueState::of(&settings, line.drawn, line.head, line.tail, line.active);
-    if line.drawn {
+    state.places_left = line.places_left;
+    if line.drawn && !redis.client().is_connected() {
+        // Out of reach: say so now, not after a command timeout.
+        state.catching_up = true;
+    } else if line.drawn {
         let whole: Result<i64, _> = redis.client().exists(redis.keys(event).drawn()).await;
         match whole {
             Ok(1) => {}

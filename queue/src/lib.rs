@@ -10,12 +10,14 @@
 //! back.
 
 pub mod admission;
+pub mod autotune;
 pub mod config;
 pub mod hub;
 pub mod leave;
 pub mod operator;
 pub mod pass;
 pub mod positions;
+pub mod steer;
 pub mod ws;
 
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub hub: hub::Hub,
     pub shutdown: CancellationToken,
     pub operators: shared::auth::NamedTokens,
+    /// The organizer may set autotune too.
+    pub organizer: shared::auth::RoleToken,
     pub positions: positions::Positions,
 }
 
@@ -67,6 +71,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let state = AppState {
         positions,
         operators: shared::auth::NamedTokens::parse("operator", config.operator_tokens.as_deref())?,
+        organizer: shared::auth::RoleToken::new("organizer", config.organizer_token.as_deref()),
         verifier: signer.verifier(),
         signer,
         hub: hub.clone(),
@@ -83,7 +88,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .run_subscriber(state.config.common.clone(), shutdown.clone()),
     );
     running.spawn(position_lookups);
-    running.spawn(hub.clone().run_socket_renewal(shutdown.clone()));
+    running.spawn(hub.clone().run_socket_renewal(
+        std::time::Duration::from_millis(state.config.socket_renew_ms),
+        shutdown.clone(),
+    ));
     running.spawn(hub.run_refresher(state.config.refresh_ms, shutdown.clone()));
     running.spawn(admission::run(state, shutdown));
     Ok(running)

@@ -16,6 +16,7 @@ use shared::ids::EventId;
 use shared::ApiError;
 use tracing::instrument;
 
+use crate::autotune::Settings;
 use crate::hub::read_state;
 use crate::AppState;
 
@@ -24,6 +25,11 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/operator/events/{id}/stats", get(stats))
         .route("/api/v1/operator/events/{id}/controls", patch(controls))
         .route("/api/v1/operator/events/{id}/message", put(message))
+        .route(
+            "/api/v1/operator/events/{id}/autotune",
+            get(autotune_show).put(autotune_set),
+        )
+        .route("/api/v1/operator/events/{id}/audit", get(audit_trail))
         .route("/operator/e/{id}", get(dashboard))
 }
 
@@ -52,6 +58,27 @@ impl FromRequestParts<AppState> for Operator {
     }
 }
 
+/// An operator (by name) or the organizer (`"organizer"`): who may set autotune.
+pub struct Steerer(pub String);
+
+impl FromRequestParts<AppState> for Steerer {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match state.operators.check(parts) {
+            Ok(name) => Ok(Steerer(name)),
+            Err(operator) => match state.organizer.check(parts) {
+                Ok(()) => Ok(Steerer("organizer".to_owned())),
+                // Both roles closed: the operator's 403; otherwise the credentials' 401.
+                Err(ApiError::Forbidden(..)) => Err(operator),
+                Err(organizer) => Err(match operator {
+                    ApiError::Forbidden(..) => organizer,
+                    _ => operator,
+                }),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stats {
     pub event_id: i64,
@@ -72,6 +99,11 @@ pub struct Stats {
     /// Seconds until the last fan in line is admitted at the current rate (none while paused).
     pub eta_last_secs: Option<i64>,
     pub message: Option<String>,
+    /// Autotune's state (`off` unless switched on) and its latest reason.
+    pub autotune: String,
+    pub autotune_why: Option<String>,
+    /// Places not sold yet, as the admission leader last counted them.
+    pub places_left: Option<i64>,
 }
 
 #[instrument(skip_all, fields(event = id))]
@@ -94,8 +126,21 @@ async fn stats(
     .bind(id)
     .fetch_one(&state.pg)
     .await?;
+    let tune: Option<(bool, String, Option<String>)> =
+        sqlx::query_as("SELECT enabled, state, why FROM autotune WHERE event_id = $1")
+            .bind(id)
+            .fetch_optional(&state.pg)
+            .await?;
+    let (autotune, autotune_why) = match tune {
+        Some((true, state, why)) => (state, why),
+        Some((false, _, why)) => ("off".to_owned(), why),
+        None => ("off".to_owned(), None),
+    };
     let waiting = (q.tail - q.head).max(0);
     Ok(Json(Stats {
+        autotune,
+        autotune_why,
+        places_left: q.places_left,
         event_id: id,
         drawn: q.drawn,
         paused: q.paused,
@@ -172,6 +217,30 @@ async fn controls(
     .execute(&mut *tx)
     .await?;
     audit(&mut tx, id, &actor, "controls", &before, &after).await?;
+    if change.rate_per_minute.is_some() || change.max_active.is_some() {
+        // A manual change of the rate or the cap wins at once: autotune stops moving them
+        // until switched on again.
+        let stopped = sqlx::query(
+            "UPDATE autotune SET enabled = false, state = 'off', why = $2
+             WHERE event_id = $1 AND enabled",
+        )
+        .bind(id)
+        .bind(format!("switched off by {actor}'s manual change"))
+        .execute(&mut *tx)
+        .await?;
+        if stopped.rows_affected() > 0 {
+            audit_with_reason(
+                &mut tx,
+                id,
+                &actor,
+                "autotune",
+                &serde_json::json!({ "enabled": true }),
+                &serde_json::json!({ "enabled": false }),
+                Some("manual change of the controls"),
+            )
+            .await?;
+        }
+    }
     tx.commit().await?;
     tracing::info!(event = id, %actor, ?after, "operator changed controls");
     broadcast(&state, event_id).await;
@@ -229,18 +298,196 @@ async fn audit(
     before: &impl Serialize,
     after: &impl Serialize,
 ) -> Result<(), ApiError> {
+    audit_with_reason(tx, event, actor, action, before, after, None).await
+}
+
+async fn audit_with_reason(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    event: i64,
+    actor: &str,
+    action: &str,
+    before: &impl Serialize,
+    after: &impl Serialize,
+    reason: Option<&str>,
+) -> Result<(), ApiError> {
     sqlx::query(
-        "INSERT INTO operator_audit (event_id, actor, action, before, after)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO operator_audit (event_id, actor, action, before, after, reason)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(event)
     .bind(actor)
     .bind(action)
     .bind(serde_json::to_value(before).map_err(ApiError::internal)?)
     .bind(serde_json::to_value(after).map_err(ApiError::internal)?)
+    .bind(reason)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Autotune of an event: its settings, state and latest changes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AutotuneView {
+    pub settings: Option<Settings>,
+    pub state: String,
+    pub why: Option<String>,
+    pub decided_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The latest changes autotune made, newest first.
+    pub changes: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub actor: String,
+    pub action: String,
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+    pub reason: Option<String>,
+}
+
+async fn view(state: &AppState, id: i64) -> Result<AutotuneView, ApiError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        settings: Settings,
+        state: String,
+        why: Option<String>,
+        decided_at: Option<chrono::DateTime<chrono::Utc>>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT enabled, target_p99_ms, target_error_rate, rate_floor, rate_ceiling, cap_floor,
+                cap_ceiling, state, why, decided_at
+         FROM autotune WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&state.pg)
+    .await?;
+    let changes = sqlx::query_as(
+        "SELECT at, actor, action, before, after, reason FROM operator_audit
+         WHERE event_id = $1 AND action IN ('auto', 'autotune') ORDER BY id DESC LIMIT 20",
+    )
+    .bind(id)
+    .fetch_all(&state.pg)
+    .await?;
+    Ok(match row {
+        Some(r) => AutotuneView {
+            state: if r.settings.enabled {
+                r.state
+            } else {
+                "off".to_owned()
+            },
+            settings: Some(r.settings),
+            why: r.why,
+            decided_at: r.decided_at,
+            changes,
+        },
+        None => AutotuneView {
+            settings: None,
+            state: "off".to_owned(),
+            why: None,
+            decided_at: None,
+            changes,
+        },
+    })
+}
+
+#[instrument(skip_all, fields(event = id))]
+async fn autotune_show(
+    State(state): State<AppState>,
+    _who: Steerer,
+    Path(id): Path<i64>,
+) -> Result<Json<AutotuneView>, ApiError> {
+    let event_id = EventId::from_path(id)?;
+    SaleEvent::load(&state.pg, event_id).await?;
+    Ok(Json(view(&state, id).await?))
+}
+
+/// Switches autotune on or off and sets its target and bounds. Switching on starts from the
+/// controls as they are (brought inside the bounds by the law's own steps: no burst).
+#[instrument(skip_all, fields(event = id))]
+async fn autotune_set(
+    State(state): State<AppState>,
+    Steerer(actor): Steerer,
+    Path(id): Path<i64>,
+    Json(next): Json<Settings>,
+) -> Result<Json<AutotuneView>, ApiError> {
+    let event_id = EventId::from_path(id)?;
+    next.validate()?;
+    let mut tx = state.pg.begin().await?;
+    sqlx::query_scalar::<_, i64>("SELECT id FROM events WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("event_not_found", format!("no event {id}")))?;
+    let before: Option<sqlx::types::Json<serde_json::Value>> = sqlx::query_scalar(
+        "SELECT to_jsonb(a) - 'event_id' - 'state' - 'why' - 'decided_at' - 'lowered_at'
+         FROM autotune a WHERE event_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO autotune (event_id, enabled, target_p99_ms, target_error_rate, rate_floor,
+                               rate_ceiling, cap_floor, cap_ceiling, state, why)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $2 THEN 'holding' ELSE 'off' END, $9)
+         ON CONFLICT (event_id) DO UPDATE SET
+             enabled = EXCLUDED.enabled, target_p99_ms = EXCLUDED.target_p99_ms,
+             target_error_rate = EXCLUDED.target_error_rate, rate_floor = EXCLUDED.rate_floor,
+             rate_ceiling = EXCLUDED.rate_ceiling, cap_floor = EXCLUDED.cap_floor,
+             cap_ceiling = EXCLUDED.cap_ceiling, state = EXCLUDED.state, why = EXCLUDED.why",
+    )
+    .bind(id)
+    .bind(next.enabled)
+    .bind(next.target_p99_ms)
+    .bind(next.target_error_rate)
+    .bind(next.rate_floor)
+    .bind(next.rate_ceiling)
+    .bind(next.cap_floor)
+    .bind(next.cap_ceiling)
+    .bind(format!(
+        "switched {} by {actor}",
+        if next.enabled { "on" } else { "off" }
+    ))
+    .execute(&mut *tx)
+    .await?;
+    audit(&mut tx, id, &actor, "autotune", &before.map(|b| b.0), &next).await?;
+    tx.commit().await?;
+    tracing::info!(event = id, %actor, ?next, "autotune set");
+    broadcast(&state, event_id).await;
+    Ok(Json(view(&state, id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<i64>,
+}
+
+/// The event's audit trail, newest first: operators' changes and autotune's, with reasons.
+#[instrument(skip_all, fields(event = id))]
+async fn audit_trail(
+    State(state): State<AppState>,
+    _operator: Operator,
+    Path(id): Path<i64>,
+    shared::extract::Query(q): shared::extract::Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    let event_id = EventId::from_path(id)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1_000).contains(&limit) {
+        return Err(invalid("limit", "must be 1 to 1000"));
+    }
+    SaleEvent::load(&state.pg, event_id).await?;
+    Ok(Json(
+        sqlx::query_as(
+            "SELECT at, actor, action, before, after, reason FROM operator_audit
+             WHERE event_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&state.pg)
+        .await?,
+    ))
 }
 
 /// Pushes the event's fresh state to every instance's waiters now.

@@ -6,8 +6,10 @@
 //! Redis only mirrors the places Postgres gave, so a position found there is right; a ticket not
 //! found there is asked of Postgres (one query per batch): a live arrival's place is in its
 //! row (its mirror write may still be on its way), a presale fan who left before the draw has
-//! none, and a draw entrant missing from Redis means the mirror is being rebuilt — the answer is
-//! then "catching up" (503), never a wrong or missing place.
+//! none, and a draw entrant's place is the draw's order, derived from the seed and the entrants
+//! in Postgres (once per event and process) — so a fan admitted before Redis was lost can still
+//! claim their pass inside the claim window while the mirror is rebuilt. Only when Postgres
+//! cannot be read either is the answer "catching up" (503), never a wrong or missing place.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,6 +80,7 @@ async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let orders = shared::draw::DrawnOrders::default();
     loop {
         let got = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -95,7 +98,7 @@ async fn run(
             metrics::counter!("queue_position_batches_total").increment(1);
             metrics::counter!("queue_position_lookups_total").increment(waiting.len() as u64);
             let tickets: Vec<TicketId> = waiting.iter().map(|(t, _)| *t).collect();
-            let found = look_up(&redis, &pg, event, &tickets).await;
+            let found = look_up(&redis, &pg, &orders, event, &tickets).await;
             match found {
                 Ok(found) => {
                     for ((_, reply), place) in waiting.into_iter().zip(found) {
@@ -126,11 +129,15 @@ pub fn catching_up() -> ApiError {
 async fn look_up(
     redis: &Redis,
     pg: &PgPool,
+    orders: &shared::draw::DrawnOrders,
     event: EventId,
     tickets: &[TicketId],
 ) -> Result<Vec<Result<Option<Position>, ApiError>>, ApiError> {
     let members: Vec<String> = tickets.iter().map(|t| t.to_string()).collect();
-    let scores: Vec<Option<f64>> = if members.len() == 1 {
+    let scores: Vec<Option<f64>> = if !redis.client().is_connected() {
+        // Redis out of reach: Postgres answers at once rather than after a command timeout.
+        vec![None; tickets.len()]
+    } else if members.len() == 1 {
         // ZMSCORE of one member answers a bare value, not a list.
         let score: Option<f64> = redis
             .client()
@@ -173,8 +180,20 @@ async fn look_up(
             let place = match (phase.as_str(), position) {
                 ("live", Some(p)) => Ok(Position::new(p)),
                 ("presale", _) if left_before_draw || !drawn => Ok(None),
-                // An entrant of the draw that Redis does not hold: the mirror is being rebuilt.
-                ("presale", _) => Err(catching_up()),
+                // An entrant of the draw that Redis does not hold (its mirror being rebuilt):
+                // the draw's order, derived from the seed and entrants in Postgres, says.
+                ("presale", _) => match orders.get(pg, event).await {
+                    Ok(Some(order)) => match order.position_of(ticket).await {
+                        Ok(Some(p)) => Ok(Position::new(p)),
+                        Ok(None) => Err(ApiError::internal("a draw entrant not in its order")),
+                        Err(e) => Err(e),
+                    },
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot derive the draw's order");
+                        Err(catching_up())
+                    }
+                },
                 _ => Err(ApiError::internal("a live join without its place")),
             };
             known.insert(ticket, place);

@@ -87,6 +87,10 @@ pub enum ServerMessage {
         paused: bool,
         /// The operators' message, if any.
         message: Option<String>,
+        /// Places left, given only when fewer remain than fans ahead of this one: the page
+        /// says so ("about 300 places left, 2,000 fans ahead of you").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        places_left: Option<i64>,
     },
     /// Every seat is sold; the line is over.
     SoldOut,
@@ -165,7 +169,7 @@ async fn wait(
     event: SaleEvent,
     ticket: TicketClaims,
     socket: WebSocket,
-    _guard: SocketGuard,
+    guard: SocketGuard,
 ) -> anyhow::Result<()> {
     let (mut sink, mut stream) = socket.split();
     let mut queue = state.hub.watch(event.event_id()).await;
@@ -268,6 +272,11 @@ async fn wait(
                 let _ = sink.send(close(1001, "server shutting down; reconnect")).await;
                 return Ok(());
             }
+            _ = guard.evicted() => {
+                // Opened while the instances could not count together: one too many tabs.
+                let _ = sink.send(close(1008, "too many open tabs for this ticket")).await;
+                return Ok(());
+            }
             changed = async {
                 if follow {
                     queue.state.changed().await
@@ -343,5 +352,8 @@ pub fn status(event: &SaleEvent, queue: &QueueState, position: Option<Position>)
         sale_starts_at: event.sale_starts_at,
         paused: queue.paused,
         message: queue.message.clone(),
+        places_left: queue
+            .places_left
+            .filter(|&left| ahead.is_some_and(|ahead| left < ahead)),
     }
 }

@@ -75,6 +75,148 @@ fn uniform_below(rng: &mut impl RngCore, bound: u64) -> u64 {
     }
 }
 
+/// A committed draw's order (position 1 first), and an index from ticket to position built the
+/// first time someone asks (a presale fan re-presenting their ticket after the draw; a waiter
+/// whose place Redis lost). Postgres holds the seed and the entrants, so any instance derives
+/// the same order, with or without Redis.
+pub struct DrawnOrder {
+    order: Vec<Uuid>,
+    by_ticket: tokio::sync::OnceCell<Vec<(Uuid, u32)>>,
+}
+
+impl DrawnOrder {
+    pub fn new(order: Vec<Uuid>) -> Self {
+        DrawnOrder {
+            order,
+            by_ticket: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn tickets(&self) -> &[Uuid] {
+        &self.order
+    }
+
+    /// Where the draw placed `ticket` (`None`: not one of its entrants).
+    pub async fn position_of(
+        self: &std::sync::Arc<Self>,
+        ticket: Uuid,
+    ) -> Result<Option<i64>, crate::ApiError> {
+        let index = self
+            .by_ticket
+            .get_or_try_init(|| {
+                let this = self.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let mut index: Vec<(Uuid, u32)> = this
+                            .order
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| (*t, i as u32 + 1))
+                            .collect();
+                        index.sort_unstable();
+                        index
+                    })
+                    .await
+                    .map_err(crate::ApiError::internal)
+                }
+            })
+            .await?;
+        Ok(index
+            .binary_search_by(|(t, _)| t.cmp(&ticket))
+            .ok()
+            .map(|i| i64::from(index[i].1)))
+    }
+}
+
+/// The draw's entrants: every presale join but those who left before the draw. (Leaving after
+/// it never changes this set, so the order recomputes the same for ever.)
+pub async fn entrants<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    event: crate::ids::EventId,
+) -> Result<Vec<Uuid>, crate::ApiError> {
+    Ok(sqlx::query_scalar(
+        "SELECT ticket_id FROM joins
+         WHERE event_id = $1 AND phase = 'presale' AND NOT left_before_draw",
+    )
+    .bind(event.get())
+    .fetch_all(db)
+    .await?)
+}
+
+/// The draw's order of `entrants` under `seed`, computed off the async threads.
+pub async fn shuffle(
+    seed: Seed,
+    mut entrants: Vec<Uuid>,
+) -> Result<std::sync::Arc<DrawnOrder>, crate::ApiError> {
+    tokio::task::spawn_blocking(move || {
+        draw_order(&seed, &mut entrants);
+        std::sync::Arc::new(DrawnOrder::new(entrants))
+    })
+    .await
+    .map_err(crate::ApiError::internal)
+}
+
+/// The order of `event`'s committed draw, recomputed from Postgres; `None` before the draw.
+pub async fn committed_order(
+    pg: &sqlx::PgPool,
+    event: crate::ids::EventId,
+) -> Result<Option<std::sync::Arc<DrawnOrder>>, crate::ApiError> {
+    let row: Option<(Vec<u8>, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT seed, drawn_at FROM draws WHERE event_id = $1")
+            .bind(event.get())
+            .fetch_optional(pg)
+            .await?;
+    let Some((seed, Some(_))) = row else {
+        return Ok(None);
+    };
+    let seed =
+        Seed::from_slice(&seed).ok_or_else(|| crate::ApiError::internal("bad stored seed"))?;
+    let entrants = entrants(pg, event).await?;
+    Ok(Some(shuffle(seed, entrants).await?))
+}
+
+/// One event's order, computed once.
+type OrderCell = std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<DrawnOrder>>>;
+
+/// Committed draws' orders, each computed once per process on first use (a draw never changes
+/// once committed).
+#[derive(Clone, Default)]
+pub struct DrawnOrders {
+    orders:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<crate::ids::EventId, OrderCell>>>,
+}
+
+impl DrawnOrders {
+    /// The order of `event`'s draw; `None` before it runs.
+    pub async fn get(
+        &self,
+        pg: &sqlx::PgPool,
+        event: crate::ids::EventId,
+    ) -> Result<Option<std::sync::Arc<DrawnOrder>>, crate::ApiError> {
+        let cell = {
+            let mut orders = self
+                .orders
+                .lock()
+                .map_err(|_| crate::ApiError::internal("draw orders poisoned"))?;
+            orders.entry(event).or_default().clone()
+        };
+        if let Some(order) = cell.get() {
+            return Ok(Some(order.clone()));
+        }
+        match committed_order(pg, event).await? {
+            Some(order) => Ok(Some(cell.get_or_init(|| async { order }).await.clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// Remembers an order this process has just computed (the draw itself).
+    pub fn put(&self, event: crate::ids::EventId, order: std::sync::Arc<DrawnOrder>) {
+        if let Ok(mut orders) = self.orders.lock() {
+            let _ = orders.entry(event).or_default().set(order);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{draw_order, uniform_below, verify, Seed, Uuid, Verdict};

@@ -12,6 +12,7 @@ pub mod draw;
 pub mod error;
 pub mod event;
 pub mod extract;
+pub mod health;
 pub mod ids;
 pub mod ratelimit;
 pub mod receipt;

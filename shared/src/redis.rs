@@ -188,6 +188,10 @@ impl EventKeys {
     pub fn leader(&self) -> String {
         self.key("leader")
     }
+    /// Hash: purchase instance → its latest health report for the event (see `health`).
+    pub fn health(&self) -> String {
+        self.key("health")
+    }
     /// Every key of the event but the per-ticket socket sets: what a flush or a failover to an
     /// empty replica loses at once.
     pub fn every(&self) -> Vec<String> {

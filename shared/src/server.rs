@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::config::CommonConfig;
@@ -105,7 +104,27 @@ async fn charts() -> impl IntoResponse {
     )
 }
 
-async fn metrics() -> impl IntoResponse {
+/// Prometheus metrics, with the backends' health read at scrape time: the Postgres pool's
+/// connections (in use, idle, the most allowed) and whether Redis answers a ping.
+async fn metrics(State(b): State<Arc<Backends>>) -> impl IntoResponse {
+    let max = b.pg.options().get_max_connections();
+    let idle = b.pg.num_idle() as u32;
+    metrics::gauge!("fairgate_pg_pool_connections", "state" => "in_use")
+        .set(f64::from(b.pg.size().saturating_sub(idle)));
+    metrics::gauge!("fairgate_pg_pool_connections", "state" => "idle").set(f64::from(idle));
+    metrics::gauge!("fairgate_pg_pool_max").set(f64::from(max));
+    let ping: Result<String, _> = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        fred::interfaces::ClientLike::ping(b.redis.client(), None),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(fred::error::Error::new(
+            fred::error::ErrorKind::Timeout,
+            "ping",
+        ))
+    });
+    metrics::gauge!("fairgate_redis_up").set(if ping.is_ok() { 1.0 } else { 0.0 });
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -124,9 +143,9 @@ pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router 
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(telemetry::track_http))
         .layer(DefaultBodyLimit::max(config.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
+        .layer(axum::middleware::from_fn_with_state(
             config.request_timeout(),
+            time_limit,
         ))
         .layer(GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
@@ -134,7 +153,88 @@ pub fn finish(app: Router, backends: Backends, config: &CommonConfig) -> Router 
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(config.web.cors())
         .layer(axum::middleware::from_fn(close_if_body_unread))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(axum::middleware::from_fn(refuse_nul_in_query))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                // One access line per request at INFO, in its span (method, path, request id);
+                // `RUST_LOG=tower_http=warn` silences them.
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
+        )
+        .layer(axum::middleware::from_fn(request_id))
+}
+
+/// The header carrying a request's id across services.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Gives every request an id, logged with each of its lines and answered in `X-Request-Id`:
+/// the caller's own (1–64 of `A-Z a-z 0-9 . _ -`), so one id follows a fan from the buffer
+/// through the queue to the purchase, or a new one.
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::HeaderValue;
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| valid_request_id(v.as_bytes()))
+        .cloned();
+    let id = given.unwrap_or_else(|| {
+        HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+            .expect("hex is a valid header value")
+    });
+    request.headers_mut().insert(REQUEST_ID, id.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+fn valid_request_id(id: &[u8]) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Refuses a query string carrying a NUL character (`%00`) on every route, including those that
+/// read no query: 400 `bad_query`, as the routes that parse their query answer.
+async fn refuse_nul_in_query(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().query().is_some_and(|q| q.contains("%00")) {
+        return ApiError::BadRequest(
+            "bad_query",
+            "the query must not contain the NUL character (%00)".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Answers a request that outlives the request timeout with a JSON 503 (`request_timeout`,
+/// `Retry-After: 1`). Work that must finish whatever the client sees (a checkout's charge and
+/// order) runs in a task of its own and stores its answer under the request's key.
+async fn time_limit(
+    State(limit): State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("http_requests_timed_out_total").increment(1);
+            ApiError::Unavailable(
+                "request_timeout",
+                format!(
+                    "no answer within {} ms; the outcome is not known yet: retry (a checkout \
+                     with the same Idempotency-Key gets its stored answer)",
+                    limit.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Says `Connection: close` on the answer to a request whose body was not read to its end (a
@@ -208,10 +308,16 @@ impl http_body::Body for ReadToEnd {
 /// The request span: method and path only. Query strings are left out because the waiting
 /// room's websocket URL carries the fan's ticket, and secrets never go to the logs.
 fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
+        request_id = %id,
     )
 }
 

@@ -287,6 +287,7 @@ async fn run(args: &Args, seed: u64, tag: &str, database_url: &str) -> anyhow::R
         progress: false,
         identity_secret: Some(IDENTITY_SECRET.into()),
         patience: Duration::from_secs(90),
+        autotune: None,
     };
     let client = Client::new(endpoints)?.patient(config.patience);
     let event = crowd::create(&client, &config).await?;

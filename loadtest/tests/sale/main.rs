@@ -14,6 +14,7 @@ use shared::server::RunningApp;
 use shared::testing::TestEnv;
 use tokio_util::sync::CancellationToken;
 
+mod autotune;
 mod cluster;
 mod redis_loss;
 
@@ -35,6 +36,14 @@ impl Stack {
 
     /// The three services on `env` (e.g. with a Redis of the test's own).
     async fn start_on(env: TestEnv) -> Stack {
+        Stack::start_tuned(env, |_, _| {}).await
+    }
+
+    /// The three services on `env`, the queue's and the purchase's settings changed by `tune`.
+    async fn start_tuned(
+        env: TestEnv,
+        tune: impl FnOnce(&mut queue::Config, &mut purchase::Config),
+    ) -> Stack {
         shared::telemetry::init_tracing(shared::config::LogFormat::Human);
         let key = hex::encode(shared::token::random_seed());
         let shutdown = CancellationToken::new();
@@ -55,13 +64,15 @@ impl Stack {
         queue_config.admission_tick_ms = 50;
         queue_config.refresh_ms = 200;
         queue_config.operator_tokens = Some(format!("alice:{OPERATOR}"));
+        queue_config.organizer_token = Some(ORGANIZER.into());
         queue_config.next_page_url = Some("http://shop.example/e/{event}/seats</script>".into());
         queue_config.common = env.common_config();
+        let mut purchase_config = purchase::Config::parse_from(["purchase"]);
+        tune(&mut queue_config, &mut purchase_config);
         let queue = queue::start(queue_config.clone(), shutdown.child_token())
             .await
             .expect("queue starts");
 
-        let mut purchase_config = purchase::Config::parse_from(["purchase"]);
         purchase_config.bind = "127.0.0.1:0".parse().expect("addr");
         purchase_config.jwks_url = format!("{}/.well-known/jwks.json", queue.url());
         purchase_config.organizer_token = Some(ORGANIZER.into());
@@ -406,7 +417,8 @@ async fn a_whole_sale_walks_from_join_to_order() {
 async fn concurrent_buyers_never_oversell() {
     let stack = Stack::start().await;
     let c = &stack.client;
-    let event = stack.event(4, chrono::Duration::seconds(2)).await;
+    // Places for every fan (admission is sized to the places left), two of them fought over.
+    let event = stack.event(40, chrono::Duration::seconds(2)).await;
     let fans = futures::future::join_all((0..30).map(|_| c.join(event, None))).await;
     let fans: Vec<_> = fans.into_iter().map(|f| f.expect("join")).collect();
     let passes = futures::future::join_all(
@@ -1189,7 +1201,7 @@ async fn two_instances_admit_at_the_configured_rate_through_a_leader_handover() 
             rate_per_minute: 1_200,
             max_active: 100_000,
             seats_per_fan: 1,
-            ..spec("Steady", 10, chrono::Duration::seconds(3))
+            ..spec("Steady", 600, chrono::Duration::seconds(3))
         })
         .await;
     for chunk in 0..10 {
@@ -1543,7 +1555,9 @@ async fn a_refund_racing_a_purchase_of_the_same_seat_never_sells_it_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_small_crowd_buys_through_the_real_services_and_every_invariant_holds() {
-    let stack = Stack::start().await;
+    // Admission is sized to the places left: the sale's last places wait for abandoned holds
+    // and passes, which here live 20 s and a minute, within the fans' patience.
+    let stack = Stack::start_tuned(TestEnv::new().await, |_, p| p.hold_ttl_secs = 20).await;
     let config = fairgate_loadtest::crowd::CrowdConfig {
         endpoints: stack.client.endpoints.clone(),
         organizer_token: ORGANIZER.into(),
@@ -1566,11 +1580,12 @@ async fn a_small_crowd_buys_through_the_real_services_and_every_invariant_holds(
         abandon_share: 0.05,
         retry_share: 0.1,
         claim_window_secs: 10,
-        pass_ttl_secs: 900,
-        fan_timeout: Duration::from_secs(60),
+        pass_ttl_secs: 60,
+        fan_timeout: Duration::from_secs(120),
         progress: false,
         identity_secret: None,
         patience: Duration::ZERO,
+        autotune: None,
     };
     let report = fairgate_loadtest::crowd::run(config)
         .await
@@ -1616,7 +1631,8 @@ async fn a_small_crowd_buys_through_the_real_services_and_every_invariant_holds(
     }
     assert!(json["latency_ms"]["join"]["p99"].is_number());
     let html = fairgate_loadtest::html::render(&report).expect("html");
-    assert_eq!(html.matches("<svg").count(), 3, "three charts");
+    assert_eq!(html.matches("<svg").count(), 4, "four charts");
+    assert!(html.contains("Admission rate against purchase latency"));
     assert!(
         !html.contains("http://") || !html.contains("<script"),
         "no external assets"
@@ -1628,7 +1644,9 @@ async fn a_small_crowd_buys_through_the_real_services_and_every_invariant_holds(
 /// merges every worker's fans into one report whose invariants hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_crowd_binary_spreads_fans_over_worker_processes() {
-    let stack = Stack::start().await;
+    // Admission is sized to the places left: the sale's last places wait for abandoned holds
+    // and passes, which here live 20 s and a minute, within the fans' patience.
+    let stack = Stack::start_tuned(TestEnv::new().await, |_, p| p.hold_ttl_secs = 20).await;
     let dir = std::env::temp_dir().join(format!("crowd-workers-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
     let json_path = dir.join("report.json");
@@ -1645,6 +1663,7 @@ async fn the_crowd_binary_spreads_fans_over_worker_processes() {
             "3",
         ])
         .args(["--late-secs", "2", "--claim-window-secs", "10", "--quiet"])
+        .args(["--pass-ttl-secs", "60", "--fan-timeout-secs", "120"])
         .args([
             "--buffer-url",
             &endpoints.buffer,

@@ -605,6 +605,65 @@ async fn a_hold_expiring_while_the_card_is_charged_is_refunded_not_sold() {
     env.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_outliving_the_request_timeout_answers_json_and_still_finishes() {
+    let env = TestEnv::new().await;
+    let pg = env.pool().await;
+    let signer = Signer::new(SigningKey::generate().expect("key"), "fairgate");
+    // The provider takes longer than a request may.
+    let app = in_process(&env, &signer, |c| {
+        c.sandbox_latency_ms = 1_500;
+        c.common.request_timeout_ms = 500;
+    })
+    .await;
+    let url = app.url();
+    let http = reqwest::Client::new();
+    let event = create_event(&http, &url).await;
+    let fan = pass(&signer, event);
+    let (seat, hold) = hold_one(&http, &url, event, &fan).await;
+    let answer = checkout(&http, &url, event, &fan, &hold)
+        .await
+        .expect("checkout");
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = answer.json().await.expect("a JSON answer");
+    assert_eq!(body["error"], "request_timeout");
+    // The charge and the order ran on: a retry with the key gets the order.
+    let mut order = None;
+    for _ in 0..100 {
+        let retry = checkout(&http, &url, event, &fan, &hold)
+            .await
+            .expect("retry");
+        if retry.status() == 201 {
+            order = Some(retry.json::<Value>().await.expect("json"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let order = order.expect("the retry found the order");
+    assert_eq!(order["status"], "paid");
+    let (orders, charges, refunded, seat_status): (i64, i64, i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM sandbox_charges),
+                (SELECT count(*) FROM sandbox_charges WHERE refunded),
+                (SELECT status FROM seats WHERE id = $1)",
+    )
+    .bind(seat)
+    .fetch_one(&pg)
+    .await
+    .expect("state");
+    assert_eq!((orders, charges, refunded), (1, 1, 0));
+    assert_eq!(seat_status, "sold");
+    app.stop().await.expect("stop");
+    pg.close().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_parallel_checkouts_with_one_pass_buy_once() {
     let env = TestEnv::new().await;

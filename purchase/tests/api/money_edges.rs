@@ -625,9 +625,18 @@ async fn nul_text_and_oversized_webhooks_are_refused_in_the_contract() {
         .await
         .expect("events");
 
-    for query in ["q=a%00b", "category=%00", "city=x%00"] {
+    // Also on routes that read no query at all.
+    for path in [
+        "/api/v1/events?q=a%00b".to_owned(),
+        "/api/v1/events?category=%00".to_owned(),
+        "/api/v1/events?city=x%00".to_owned(),
+        format!("/api/v1/events/{event}?x=%00"),
+        format!("/api/v1/events/{event}/seats?x=%00"),
+        "/healthz?x=%00".to_owned(),
+    ] {
+        let query = &path;
         let answer = Answer::of(
-            http.get(format!("{url}/api/v1/events?{query}"))
+            http.get(format!("{url}{path}"))
                 .send()
                 .await
                 .expect("catalog"),

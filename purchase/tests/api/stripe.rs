@@ -309,6 +309,16 @@ async fn the_stripe_provider_charges_declines_refunds_and_checks_webhooks() {
         let (status, error) = post(signature, sent).await;
         assert_eq!(status, 401, "{error}");
     }
+    // Signed, but with an id the store cannot take: refused, not a 500.
+    for id in [String::new(), "e".repeat(256)] {
+        let odd = body.replace("evt_1", &id);
+        let (status, error) = post(Some(signed(&odd, now)), odd).await;
+        assert_eq!(
+            (status, error["error"].clone()),
+            (422, json!("invalid_field")),
+            "{error}"
+        );
+    }
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_events")
         .fetch_one(&pg)
         .await

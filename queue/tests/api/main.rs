@@ -15,6 +15,8 @@ use shared::testing::TestEnv;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+mod steer;
+
 async fn redis(common: &CommonConfig) -> Redis {
     Redis::connect(common).await.expect("redis")
 }
