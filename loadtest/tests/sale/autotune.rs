@@ -77,6 +77,17 @@ async fn auto_changes(pg: &sqlx::PgPool, event: i64) -> Vec<(String, Value)> {
     .expect("audit")
 }
 
+/// Autotune's first change, waited for (up to 10 s).
+async fn first_change(pg: &sqlx::PgPool, event: i64) -> (String, Value) {
+    for _ in 0..100 {
+        if let Some(first) = auto_changes(pg, event).await.into_iter().next() {
+            return first;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("autotune did not change the controls");
+}
+
 async fn max_active(pg: &sqlx::PgPool, event: i64) -> i32 {
     sqlx::query_scalar("SELECT max_active FROM events WHERE id = $1")
         .bind(event)
@@ -135,18 +146,7 @@ async fn slow_checkouts_lower_a_generous_cap_with_a_reason_and_a_manual_change_w
         done.expect("task").expect("bought");
     }
 
-    let mut changes = Vec::new();
-    for _ in 0..100 {
-        changes = auto_changes(&pg, event).await;
-        if !changes.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (reason, after) = changes
-        .first()
-        .expect("autotune lowered the controls")
-        .clone();
+    let (reason, after) = first_change(&pg, event).await;
     assert!(
         reason.starts_with("auto: cap 1000 → ")
             && reason.contains("checkout p99")
@@ -362,18 +362,7 @@ async fn a_purchase_instance_that_stops_reporting_counts_as_unhealthy() {
 
     let purchase = stack.apps.pop().expect("purchase");
     purchase.stop().await.expect("purchase stops");
-    let mut changes = Vec::new();
-    for _ in 0..100 {
-        changes = auto_changes(&pg, event).await;
-        if !changes.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (reason, _) = changes
-        .first()
-        .expect("autotune lowered the controls")
-        .clone();
+    let (reason, _) = first_change(&pg, event).await;
     assert!(
         reason.contains("1 purchase instance stopped reporting"),
         "{reason}"
