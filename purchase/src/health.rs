@@ -206,6 +206,7 @@ pub async fn run_reporter(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut on_sale: Vec<EventId> = Vec::new();
+    let mut reported: std::collections::HashSet<EventId> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -235,11 +236,19 @@ pub async fn run_reporter(
             register_series(*event);
         }
         for event in events {
+            reported.insert(event);
             let report = state.health.report(event, busy);
             if let Err(e) = shared::health::publish(&state.redis, event, &instance, &report).await {
                 tracing::warn!(event = %event, error = %e, "cannot publish health");
                 break;
             }
+        }
+    }
+    // Shutting down on purpose: withdraw the reports, so a rolling restart does not read as
+    // an instance falling silent (a crash still does).
+    for event in reported {
+        if let Err(e) = shared::health::withdraw(&state.redis, event, &instance).await {
+            tracing::debug!(event = %event, error = %e, "could not withdraw the health report");
         }
     }
     Ok(())

@@ -311,8 +311,8 @@ async fn webhook(
     verify_signature(header, &body, secret, chrono::Utc::now().timestamp())
         .map_err(|why| ApiError::Unauthorized("signature_invalid", why))?;
     if shared::extract::json_has_nul(&body) {
-        return Err(ApiError::BadRequest(
-            "malformed_json",
+        return Err(ApiError::Unprocessable(
+            "invalid_body",
             "a webhook event must not contain the NUL character (\\u0000)".into(),
         ));
     }

@@ -9,10 +9,13 @@
 //!   above the target share, or a purchase instance that stopped reporting (silence is not
 //!   health): the cap falls to the active shoppers × a factor — `target / p99` (between ×0.5
 //!   and ×0.9) for latency, ×0.75 for silence or errors, ×0.5 for errors ten times the
-//!   target — and the rate by the same factor. It falls again only once the shoppers already admitted
-//!   have come down to the new cap and a whole health window has passed since the last
-//!   decrease, so the law reacts to the effect of its own change, not to the load it already
-//!   cut (shoppers admitted stay; no one is thrown out).
+//!   target — and the rate by the same factor. It falls again (the cap, or the rate alone once
+//!   the cap is at its floor) only once the shoppers already admitted have come down to the
+//!   new cap and a whole health window has passed since the last decrease, so the law reacts
+//!   to the effect of its own change, not to the load it already cut (shoppers admitted stay;
+//!   no one is thrown out). With too few samples for a p99 (a trickle of shoppers at a low
+//!   floor), a median over the target is overload and a window whose slowest request is under
+//!   the headroom line is headroom, so a line at a low floor can still climb.
 //! * **Healthy with headroom** — p99 at most [`HEADROOM`] × target, errors within target, fans
 //!   waiting: if the cap binds (active ≥ 90% of it) it rises by up to √cap; if the rate binds
 //!   (fans waiting, slots free) the rate rises by up to 10% — each step scaled by the share of
@@ -34,6 +37,8 @@ use shared::ApiError;
 pub const HEADROOM: f64 = 0.8;
 /// Latency samples a window needs before its p99 is judged.
 pub const MIN_SAMPLES: u64 = 20;
+/// Samples below which a window's median still judges a clearly slow shop.
+pub const FEW_SAMPLES: u64 = 5;
 /// Requests a window needs before its error share is judged.
 pub const MIN_REQUESTS: u64 = 20;
 /// How far a silent shop, or errors above the target, lower the controls at once.
@@ -228,24 +233,56 @@ fn judge(s: &Settings, o: &Observed) -> Verdict {
         }
     }
     let target = s.target_p99_ms.max(1) as u32;
-    let worst = [("hold", &r.holds), ("checkout", &r.checkouts)]
+    let steps = [("hold", &r.holds), ("checkout", &r.checkouts)];
+    let worst = steps
         .into_iter()
         .filter(|(_, l)| l.count() >= MIN_SAMPLES)
         .filter_map(|(name, l)| Some((name, l.quantile_ms(0.99)?)))
         .max_by_key(|(_, p99)| *p99);
-    match worst {
-        Some((name, p99)) if p99 > target => Verdict::Overloaded(
-            (f64::from(target) / f64::from(p99)).clamp(0.5, 0.9),
-            format!("{name} p99 {p99} ms > {target} ms"),
+    if let Some((name, p99)) = worst {
+        return if p99 > target {
+            Verdict::Overloaded(
+                (f64::from(target) / f64::from(p99)).clamp(0.5, 0.9),
+                format!("{name} p99 {p99} ms > {target} ms"),
+            )
+        } else if f64::from(p99) <= HEADROOM * f64::from(target) {
+            Verdict::Headroom(
+                1.0 - f64::from(p99) / (HEADROOM * f64::from(target)),
+                format!("{name} p99 {p99} ms ≤ {target} ms"),
+            )
+        } else {
+            Verdict::Band(format!("{name} p99 {p99} ms near {target} ms"))
+        };
+    }
+    // Too few samples for a p99 (a slow trickle of shoppers): a median over the target is
+    // slow beyond doubt; every sample within the headroom line is room to grow, so a line at
+    // a low floor can climb.
+    let few: Vec<(&str, &shared::health::Latencies)> =
+        steps.into_iter().filter(|(_, l)| l.count() > 0).collect();
+    let slow = few
+        .iter()
+        .filter(|(_, l)| l.count() >= FEW_SAMPLES)
+        .filter_map(|(name, l)| Some((*name, l.quantile_ms(0.5)?)))
+        .max_by_key(|(_, p50)| *p50);
+    if let Some((name, p50)) = slow.filter(|(_, p50)| *p50 > target) {
+        return Verdict::Overloaded(
+            (f64::from(target) / f64::from(p50)).clamp(0.5, 0.9),
+            format!("{name} median {p50} ms > {target} ms"),
+        );
+    }
+    let slowest = few
+        .iter()
+        .filter_map(|(name, l)| Some((*name, l.quantile_ms(1.0)?)))
+        .max_by_key(|(_, max)| *max);
+    match slowest {
+        Some((name, max)) if f64::from(max) <= HEADROOM * f64::from(target) => Verdict::Headroom(
+            1.0 - f64::from(max) / (HEADROOM * f64::from(target)),
+            format!("{name} slowest {max} ms ≤ {target} ms (few requests)"),
         ),
-        Some((name, p99)) if f64::from(p99) <= HEADROOM * f64::from(target) => Verdict::Headroom(
-            1.0 - f64::from(p99) / (HEADROOM * f64::from(target)),
-            format!("{name} p99 {p99} ms ≤ {target} ms"),
-        ),
-        Some((name, p99)) => Verdict::Band(format!("{name} p99 {p99} ms near {target} ms")),
+        Some(_) => Verdict::Band("too few requests to judge".into()),
         None if o.active == 0 && r.requests == 0 => Verdict::Idle("no traffic".into()),
-        // Too few samples to judge latency: shoppers are arriving, not yet a reading.
-        None => Verdict::Band("too few requests to judge".into()),
+        // Shoppers admitted, no hold or checkout yet: not a reading.
+        None => Verdict::Band("no holds or checkouts yet".into()),
     }
 }
 

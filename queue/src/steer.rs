@@ -307,7 +307,9 @@ async fn tune_step(
                 || decision.next.rate_per_minute < now.rate_per_minute { "down" } else { "up" })
         .increment(1);
     }
-    let lowered = decision.next.max_active < now.max_active;
+    // Any decrease, of the cap or of the rate alone (the cap at its floor), starts the spacing.
+    let lowered = decision.next.max_active < now.max_active
+        || decision.next.rate_per_minute < now.rate_per_minute;
     sqlx::query(
         "UPDATE autotune SET state = $2, why = $3, decided_at = now(),
                 lowered_at = CASE WHEN $4 THEN now() ELSE lowered_at END

@@ -30,6 +30,14 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = json_body(req, state).await?;
+        // Every body fairgate takes is an object: serde would also fill a struct from an
+        // array by position, past the field names (and the checks that name them).
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(ApiError::Unprocessable(
+                "invalid_body",
+                "the body must be a JSON object, not an array".into(),
+            ));
+        }
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(Json(value)),
             Err(rejection) => Err(json_rejection(rejection)),

@@ -173,6 +173,19 @@ pub async fn publish(
     Ok(())
 }
 
+/// Withdraws `instance`'s report for `event` (a graceful shutdown: gone, not silent).
+pub async fn withdraw(
+    redis: &Redis,
+    event: EventId,
+    instance: &str,
+) -> Result<(), fred::error::Error> {
+    let _: i64 = redis
+        .client()
+        .hdel(redis.keys(event).health(), instance)
+        .await?;
+    Ok(())
+}
+
 /// Reads every instance's report for `event`: those at most `fresh_ms` old are merged, older
 /// ones (up to [`FORGET_MS`]) count as silent.
 pub async fn read(

@@ -293,6 +293,18 @@ async fn autotune_settings_are_checked_field_by_field_and_a_refusal_changes_noth
             "{body} → {answer}"
         );
     }
+    // Fields by position, past their names and checks: refused.
+    let (status, answer) = put_tune(
+        &stack,
+        event,
+        Some(OPERATOR),
+        &json!([true, 500, 0.001, 10, 100, 5, 50]),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"].clone()),
+        (422, json!("invalid_body"))
+    );
     let mut unknown = good.clone();
     unknown["burst"] = json!(true);
     assert_eq!(
@@ -360,14 +372,72 @@ async fn a_purchase_instance_that_stops_reporting_counts_as_unhealthy() {
     assert!(auto_changes(&pg, event).await.is_empty());
     assert_eq!(max_active(&pg, event).await, 1_000);
 
-    let purchase = stack.apps.pop().expect("purchase");
-    purchase.stop().await.expect("purchase stops");
+    // A second purchase instance that crashed: its last report, written 10 s ago (on Redis's
+    // clock, as reports are), never renewed.
+    let redis = super::redis_client(&stack.env).await;
+    let keys = shared::redis::EventKeys::new(
+        &stack.env.redis_prefix,
+        shared::ids::EventId::new(event).expect("id"),
+    );
+    let now: i64 = fred::prelude::LuaInterface::eval(
+        &redis,
+        "local t = redis.call('TIME') return t[1] * 1000 + math.floor(t[2] / 1000)",
+        vec![keys.health()],
+        Vec::<String>::new(),
+    )
+    .await
+    .expect("redis time");
+    let stamp = now - 10_000;
+    let stale = format!(
+        "{stamp}|{}",
+        serde_json::to_string(&shared::health::Report::default()).expect("json")
+    );
+    let _: i64 = fred::prelude::HashesInterface::hset(
+        &redis,
+        keys.health(),
+        ("purchase-crashed", stale.as_str()),
+    )
+    .await
+    .expect("hset");
     let (reason, _) = first_change(&pg, event).await;
     assert!(
         reason.contains("1 purchase instance stopped reporting"),
         "{reason}"
     );
-    assert!(max_active(&pg, event).await < 1_000);
+    let lowered = max_active(&pg, event).await;
+    assert!(lowered < 1_000);
+
+    // The crashed one forgotten, the live one shut down gracefully (its report withdrawn):
+    // with shoppers active and nobody reporting, still unhealthy.
+    let _: i64 = fred::prelude::HashesInterface::hdel(&redis, keys.health(), "purchase-crashed")
+        .await
+        .expect("hdel");
+    let purchase = stack.apps.pop().expect("purchase");
+    purchase.stop().await.expect("purchase stops");
+    // (Cooling: the shoppers already in are above the lowered cap, so it says why and waits.)
+    let mut view = Value::Null;
+    for _ in 0..100 {
+        view = get(
+            &stack,
+            &format!("/api/v1/operator/events/{event}/autotune"),
+            OPERATOR,
+        )
+        .await
+        .1;
+        if view["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("no purchase instance reports"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        view["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("no purchase instance reports")),
+        "{view}"
+    );
     pg.close().await;
     stack.stop().await;
 }

@@ -39,6 +39,9 @@ struct Shop {
     since_decrease: Option<Duration>,
     /// Instances that stopped reporting.
     silent: usize,
+    /// Seconds since the start, and when the law lowered anything.
+    t: u32,
+    decreases: Vec<u32>,
 }
 
 /// What one simulated second looked like.
@@ -60,6 +63,8 @@ impl Shop {
             controls,
             since_decrease: None,
             silent: 0,
+            t: 0,
+            decreases: Vec::new(),
         }
     }
 
@@ -121,12 +126,16 @@ impl Shop {
             since_decrease: self.since_decrease,
         };
         let decision = step(s, self.controls, &observed);
-        if decision.next.max_active < self.controls.max_active {
+        if decision.next.max_active < self.controls.max_active
+            || decision.next.rate_per_minute < self.controls.rate_per_minute
+        {
+            self.decreases.push(self.t);
             self.since_decrease = Some(Duration::ZERO);
         } else if let Some(d) = self.since_decrease.as_mut() {
             *d += Duration::from_secs(1);
         }
         self.controls = decision.next;
+        self.t += 1;
         Second {
             cap: self.controls.max_active,
             active,
@@ -298,4 +307,46 @@ fn bounds_are_checked_field_by_field() {
     let mut s = settings();
     s.rate_floor = 0;
     assert!(format!("{:?}", s.validate().expect_err("zero")).contains("rate_floor"));
+}
+
+#[test]
+fn decreases_are_spaced_even_with_the_cap_at_its_floor() {
+    let s = settings();
+    // A shop too slow even for the floor: the rate keeps falling, one step a health window.
+    let mut shop = Shop::new(20.0, generous(), 200_000);
+    for _ in 0..300 {
+        shop.second(&s);
+    }
+    assert_eq!(shop.controls.max_active, s.cap_floor);
+    assert!(shop.decreases.len() > 3, "{:?}", shop.decreases);
+    for pair in shop.decreases.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= DECREASE_SPACING.as_secs() as u32,
+            "decreases at {:?}",
+            shop.decreases
+        );
+    }
+}
+
+#[test]
+fn a_trickle_of_shoppers_at_a_low_floor_still_climbs() {
+    let s = Settings {
+        rate_floor: 60,
+        cap_floor: 8,
+        ..settings()
+    };
+    let start = Controls {
+        rate_per_minute: 60,
+        max_active: 8,
+    };
+    // One shopper a second, a request every two seconds each: a handful of samples a window.
+    let mut shop = Shop::new(800.0, start, 200_000);
+    for _ in 0..120 {
+        shop.second(&s);
+    }
+    assert!(
+        shop.controls.max_active > 8 && shop.controls.rate_per_minute > 60,
+        "{:?}",
+        shop.controls
+    );
 }
