@@ -579,6 +579,9 @@ struct Line {
     places_left: Option<i64>,
 }
 
+/// How long the state's read waits for Redis before telling waiters the room is catching up.
+const REDIS_PROBE: Duration = Duration::from_millis(500);
+
 /// How long after the draw a mirror that is not whole yet is the draw's own publication (the
 /// waiters keep waiting for the draw) rather than Redis catching up after a loss.
 const PUBLICATION_SECS: i64 = 30;
@@ -609,7 +612,19 @@ pub async fn read_state(redis: &Redis, pg: &PgPool, event: EventId) -> anyhow::R
         // Out of reach: say so now, not after a command timeout.
         state.catching_up = true;
     } else if line.drawn {
-        let whole: Result<i64, _> = redis.client().exists(redis.keys(event).drawn()).await;
+        // A Redis that does not answer within a moment is out of reach for the waiters too
+        // (a dead server is not always noticed at once by the connection).
+        let whole: Result<i64, _> = tokio::time::timeout(
+            REDIS_PROBE,
+            redis.client().exists(redis.keys(event).drawn()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(fred::error::Error::new(
+                fred::error::ErrorKind::Timeout,
+                "no answer",
+            ))
+        });
         match whole {
             Ok(1) => {}
             // Redis answers, but the draw's queue is still on its way there.
