@@ -44,13 +44,7 @@ fg_say "building the release binaries"
 cargo build --release --quiet -p fairgate-buffer -p fairgate-queue -p fairgate-purchase -p fairgate-loadtest
 
 tag="scale$(date +%s)"
-db="fgtest_$tag"
-admin="$(fg_admin_url "$DATABASE_URL")"
-psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
-FG_CLEANUP+=("psql '$admin' -qc 'DROP DATABASE IF EXISTS $db WITH (FORCE)'")
-base="${DATABASE_URL%%\?*}"
-export DATABASE_URL="${base%/*}/$db"
-export FAIRGATE_REDIS_PREFIX="$tag"
+fg_private_sale_db "$tag"
 if [ "${CLUSTER:-0}" = 1 ]; then
   cluster_port="${CLUSTER_PORT:-21001}"
   FG_CLEANUP+=("scripts/redis-cluster.sh stop $cluster_port $FG_DATA/redis-cluster-scale")
@@ -58,11 +52,9 @@ if [ "${CLUSTER:-0}" = 1 ]; then
   export REDIS_URL
   fg_say "services on the Redis Cluster $REDIS_URL"
 else
-  FG_CLEANUP+=("redis-cli -u '$REDIS_URL' --scan --pattern '$tag*' | xargs -r -n 500 redis-cli -u '$REDIS_URL' del")
+  fg_forget_redis_keys "$tag"
 fi
-export FAIRGATE_SIGNING_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export FAIRGATE_ORDER_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export FAIRGATE_ORGANIZER_TOKEN="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+fg_sale_secrets
 export FAIRGATE_JOIN_LIMIT_PER_IP=0 LOG_FORMAT=json RUST_LOG="${RUST_LOG:-warn}"
 export FAIRGATE_BUFFER_BIND=127.0.0.1:18081 FAIRGATE_QUEUE_BIND=127.0.0.1:18082 FAIRGATE_PURCHASE_BIND=127.0.0.1:18083
 export FAIRGATE_JWKS_URL="http://$FAIRGATE_QUEUE_BIND/.well-known/jwks.json"

@@ -38,17 +38,9 @@ fi
 work="$(mktemp -d)"
 FG_CLEANUP+=("rm -rf '$work'")
 tag="observe$(date +%s)"
-db="fgtest_$tag"
-admin="$(fg_admin_url "$DATABASE_URL")"
-psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
-FG_CLEANUP+=("psql '$admin' -qc 'DROP DATABASE IF EXISTS $db WITH (FORCE)'")
-base="${DATABASE_URL%%\?*}"
-export DATABASE_URL="${base%/*}/$db"
-export FAIRGATE_REDIS_PREFIX="$tag"
-FG_CLEANUP+=("redis-cli -u '$REDIS_URL' --scan --pattern '$tag*' | xargs -r -n 500 redis-cli -u '$REDIS_URL' del")
-export FAIRGATE_SIGNING_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export FAIRGATE_ORDER_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export FAIRGATE_ORGANIZER_TOKEN="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+fg_private_sale_db "$tag"
+fg_forget_redis_keys "$tag"
+fg_sale_secrets
 export FAIRGATE_JOIN_LIMIT_PER_IP=0 LOG_FORMAT=json RUST_LOG=info
 port="${FG_OBSERVE_PORT:-18380}"
 export FAIRGATE_BUFFER_BIND="127.0.0.1:$((port + 1))" FAIRGATE_QUEUE_BIND="127.0.0.1:$((port + 2))"

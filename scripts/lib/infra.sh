@@ -132,3 +132,27 @@ fg_infra_up() {
   export FAIRGATE_TEST_DATABASE_URL="$(fg_admin_url "$DATABASE_URL")"
   export FAIRGATE_TEST_REDIS_URL="$REDIS_URL"
 }
+
+# A sale of a script's own: a database `fgtest_<tag>` (dropped on exit) as DATABASE_URL, and
+# `<tag>` as the services' Redis key prefix.
+fg_private_sale_db() {
+  local tag="$1" admin base
+  admin="$(fg_admin_url "$DATABASE_URL")"
+  psql "$admin" -qc "CREATE DATABASE fgtest_$tag" >/dev/null
+  FG_CLEANUP+=("psql '$admin' -qc 'DROP DATABASE IF EXISTS fgtest_$tag WITH (FORCE)'")
+  base="${DATABASE_URL%%\?*}"
+  export DATABASE_URL="${base%/*}/fgtest_$tag"
+  export FAIRGATE_REDIS_PREFIX="$tag"
+}
+
+# Deletes the Redis keys of prefix `$1` on exit (not on a Redis Cluster: stopped with it).
+fg_forget_redis_keys() {
+  FG_CLEANUP+=("redis-cli -u '$REDIS_URL' --scan --pattern '$1*' | xargs -r -n 500 redis-cli -u '$REDIS_URL' del")
+}
+
+# Fresh secrets for the services of one run: signing key, order secret, organizer token.
+fg_sale_secrets() {
+  export FAIRGATE_SIGNING_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  export FAIRGATE_ORDER_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  export FAIRGATE_ORGANIZER_TOKEN="$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+}
